@@ -1,0 +1,21 @@
+"""sgdc-kernels: fast, exact Structurally-Guided Dynamic Convolution (SGDC) for PyTorch.
+
+    >>> from sgdc_kernels import sgdc_conv, available_backends, SGDC, SGE
+"""
+
+from ._version import __version__
+from .backends import BackendUnavailableError, available_backends, get_backend, unavailable_reason
+from .modules import SGDC, SGE, LayerNorm2d
+from .ops import sgdc_conv
+
+__all__ = [
+    "__version__",
+    "sgdc_conv",
+    "available_backends",
+    "get_backend",
+    "unavailable_reason",
+    "BackendUnavailableError",
+    "LayerNorm2d",
+    "SGDC",
+    "SGE",
+]

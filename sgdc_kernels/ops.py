@@ -1,0 +1,97 @@
+"""The public operator: :func:`sgdc_conv` (SPEC section 1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backends import forward_op, memory_format_of, resolve_backend
+
+Tensor = torch.Tensor
+
+
+def _check_int(name: str, value, *, odd: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    if odd and value % 2 == 0:
+        raise ValueError(f"{name}: expected an odd int (the window is centred), got {value}")
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D (B, C, H, W) tensor, got {t.dim()}-D shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}"
+        )
+
+
+def check_inputs(
+    x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
+) -> None:
+    """Raise TypeError / ValueError naming the argument and what was expected."""
+    _check_int("kernel_size", kernel_size, odd=True)
+    _check_int("num_heads", num_heads)
+    _check_tensor("x", x)
+    _check_tensor("kernel", kernel)
+    if gate is not None:
+        _check_tensor("gate", gate)
+    B, C, H, W = x.shape
+    if C < num_heads or C % num_heads != 0:
+        raise ValueError(f"x: channel count {C} must be a positive multiple of num_heads={num_heads}")
+    expected = (B, num_heads * kernel_size * kernel_size, H, W)
+    if tuple(kernel.shape) != expected:
+        raise ValueError(
+            f"kernel: expected shape (B, num_heads*kernel_size**2, H, W) = {expected} "
+            f"for x of shape {tuple(x.shape)}, num_heads={num_heads}, kernel_size={kernel_size}; "
+            f"got {tuple(kernel.shape)}"
+        )
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate: expected the shape of x {tuple(x.shape)}, got {tuple(gate.shape)}")
+    for name, t in (("kernel", kernel), ("gate", gate)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
+
+
+def sgdc_conv(
+    x: Tensor,
+    kernel: Tensor,
+    gate: Optional[Tensor] = None,
+    *,
+    kernel_size: int = 7,
+    num_heads: int = 4,
+    backend: str = "auto",
+) -> Tensor:
+    """Structurally-guided dynamic convolution: a per-pixel, per-head softmax-weighted window sum
+    of ``x``, times ``sigmoid(gate)``.
+
+    Args:
+        x: features, (B, C, H, W); head h owns channels [h*C/G, (h+1)*C/G).
+        kernel: per-pixel kernel logits, (B, num_heads*K*K, H, W); channel h*K*K + u*K + v is tap
+            (u, v) of head h. The softmax runs over the K*K taps of each head and pixel.
+        gate: gate logits, (B, C, H, W), or None for no gate.
+        kernel_size: K, odd. num_heads: G, divides C.
+        backend: "auto", "unfold", "torch", "triton" or "cuda" (see available_backends()).
+
+    Returns a tensor shaped, typed and laid out (contiguous or channels_last) like ``x``.
+    Differentiable in x, kernel and gate; works under torch.compile(fullgraph=True).
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    check_inputs(x, kernel, gate, kernel_size, num_heads)
+    name = resolve_backend(backend, x.device.type, x.dtype)
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    kernel = kernel.contiguous(memory_format=fmt)
+    if gate is not None:
+        gate = gate.contiguous(memory_format=fmt)
+    return forward_op(name)(x, kernel, gate, kernel_size, num_heads)
