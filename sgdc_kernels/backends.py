@@ -226,7 +226,15 @@ def available_backends(device: Optional[str | torch.device] = None) -> list[str]
     return names
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    # Exactly what torch.compiler.assume_constant_result does, without importing torch._dynamo
+    # (1.6 s) at `import sgdc_kernels`. The tests compile a first call with fullgraph=True, which
+    # fails if torch stops honouring the mark.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
     """The backend that ``name`` means for tensors of this device type and dtype.
 
