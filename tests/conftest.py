@@ -1,0 +1,28 @@
+"""Test configuration.
+
+On a machine without an NVIDIA GPU, the Triton kernels are tested through Triton's interpreter,
+which must be switched on before triton is first imported: this file is loaded before any test
+module, so it sets TRITON_INTERPRET=1 here, without importing torch (which would be too late).
+Set SGDC_NO_TRITON_INTERPRET=1 to opt out.
+"""
+
+import os
+import shutil
+
+
+def _has_nvidia_gpu() -> bool:
+    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+
+
+if not _has_nvidia_gpu() and os.environ.get("SGDC_NO_TRITON_INTERPRET") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
