@@ -34,6 +34,9 @@ def unfold_forward(
     """The paper's formulation: ``F.unfold`` with zero padding, softmax over the taps, window sum."""
     B, C, H, W = x.shape
     K, G = kernel_size, num_heads
+    if x.numel() == 0:  # F.unfold rejects empty spatial dims; keep the graph to every input
+        out = x + 0 * kernel[:, :1]
+        return out * torch.sigmoid(gate) if gate is not None else out
     cols = F.unfold(x, K, padding=K // 2).view(B, G, C // G, K * K, H * W)
     probs = kernel.reshape(B, G, K * K, H * W).softmax(dim=2)
     out = torch.einsum("bgctn,bgtn->bgcn", cols, probs).reshape(B, C, H, W)
