@@ -75,7 +75,7 @@ def shift_forward(
     probs, xpad = _softmax_and_padded_input(x, kernel, kernel_size, num_heads)
     y = torch.zeros(B, num_heads, C // num_heads, H, W, dtype=probs.dtype, device=x.device)
     for t, u, v in _taps(kernel_size):
-        y = y + probs[:, :, :, t] * xpad[..., u : u + H, v : v + W]
+        y.addcmul_(probs[:, :, :, t], xpad[..., u : u + H, v : v + W])
     y = y.reshape(B, C, H, W)
     if gate is not None:
         y = y * torch.sigmoid(gate.to(y.dtype))

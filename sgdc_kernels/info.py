@@ -1,0 +1,61 @@
+"""What this installation can do: ``python -m sgdc_kernels.info``."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from . import __version__
+from .backends import BACKEND_NAMES, get_backend, unavailable_reason
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _extension_info() -> str:
+    from . import _cuda
+
+    build_info = getattr(_cuda, "build_info", None)
+    info = build_info() if build_info is not None else None
+    if not info:
+        return "not built"
+    return ", ".join(f"{k}: {' '.join(v) if isinstance(v, (list, tuple)) else v}" for k, v in info.items())
+
+
+def report() -> str:
+    lines = [
+        f"sgdc-kernels {__version__}",
+        f"python      {platform.python_version()}",
+        f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none: CPU-only build'})",
+        f"triton      {_version('triton')}",
+    ]
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        lines.append(f"GPU         {torch.cuda.get_device_name()} (sm_{major}{minor})")
+    else:
+        lines.append("GPU         none visible")
+    lines.append(f"extension   sgdc_kernels._C: {_extension_info()}")
+    lines.append("backends:")
+    for name in BACKEND_NAMES:
+        reason = unavailable_reason(name)
+        if reason is None:
+            backend = get_backend(name)
+            devices = ",".join(sorted(backend.device_types))
+            lines.append(f"  {name:<7} available   [{devices}] {backend.description}")
+        else:
+            lines.append(f"  {name:<7} unavailable {reason}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
