@@ -1,1 +1,25 @@
-"""Triton kernels for sgdc_conv (installed as sgdc_kernels.triton_ops)."""
+"""Triton kernels for sgdc_conv (installed as sgdc_kernels.triton_ops).
+
+Importing this module defines the operators ``sgdc::triton_forward`` / ``sgdc::triton_backward``
+(see sgdc_conv.py) and exposes them as :data:`BACKEND` for the registry in sgdc_kernels.backends.
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors through Triton's interpreter (float32 only,
+slow: for testing the kernels' logic on machines without a GPU).
+"""
+
+from sgdc_kernels.backends import Backend, FLOATING_GPU
+
+import torch
+
+from .sgdc_conv import INTERPRET, sgdc_triton_backward, sgdc_triton_forward
+
+BACKEND = Backend(
+    "triton",
+    sgdc_triton_forward,
+    sgdc_triton_backward,
+    frozenset({"cuda", "cpu"}) if INTERPRET else frozenset({"cuda"}),
+    frozenset({torch.float32}) if INTERPRET else FLOATING_GPU,
+    "fused Triton kernels, forward and deterministic backward"
+    + (" (TRITON_INTERPRET=1: CPU tensors through the interpreter, float32)" if INTERPRET else ""),
+)
+
+__all__ = ["BACKEND"]
