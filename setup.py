@@ -41,17 +41,30 @@ def cuda_extension():
         return [], {}
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    # The one list of sources: every .cpp and .cu under csrc/ (CMakeLists.txt globs the same).
     sources = sorted(
-        os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith((".cpp", ".cu"))
-    ) if os.path.isdir("csrc") else []
+        os.path.relpath(os.path.join(root, f))
+        for root, _, files in os.walk("csrc")
+        for f in files
+        if f.endswith((".cpp", ".cu"))
+    )
     if not sources:
         _say("no sources in csrc/: installing without the CUDA extension")
         return [], {}
-    _say(f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r}")
+    _say(
+        f"building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')!r} "
+        f"(MAX_JOBS={os.environ.get('MAX_JOBS', 'all cores')})"
+    )
+    torch_version = torch.__version__.split("+")[0]
     ext = cpp_extension.CUDAExtension(
         "sgdc_kernels._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        include_dirs=[os.path.abspath("csrc")],
+        define_macros=[("SGDC_PYTHON_MODULE", None)],
+        extra_compile_args={
+            "cxx": ["-O3", f"-DSGDC_TORCH_VERSION={torch_version}"],
+            "nvcc": ["-O3", "-lineinfo"],
+        },
         py_limited_api=False,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

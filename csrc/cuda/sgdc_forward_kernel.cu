@@ -1,0 +1,51 @@
+// CUDA implementation of sgdc::cuda_forward (schema in csrc/sgdc_conv.cpp).
+#include <torch/library.h>
+
+#include "sgdc_conv_kernel.cuh"
+
+namespace sgdc {
+namespace {
+
+using namespace cuda_impl;
+
+at::Tensor cuda_forward(const at::Tensor& x, const at::Tensor& kernel,
+                        const std::optional<at::Tensor>& gate, int64_t kernel_size,
+                        int64_t num_heads) {
+  const bool cl = check_inputs("sgdc::cuda_forward", x, kernel, gate, kernel_size, num_heads);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty_like(x);
+  if (out.numel() == 0) return out;
+  dispatch(x.scalar_type(), cl, [&](auto tag, auto layout) {
+    using T = decltype(tag);
+    Params<T> p = make_params<T>(x, kernel_size, num_heads);
+    p.src = ptr<T>(x);
+    p.logits = ptr<T>(kernel);
+    p.gate = gate.has_value() ? ptr<T>(*gate) : nullptr;
+    p.out = mut_ptr<T>(out);
+    launch<Mode::kForward, T, decltype(layout)::value>(p);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sgdc, CUDA, m) { m.impl("cuda_forward", &cuda_forward); }
+
+}  // namespace sgdc
+
+// Build information, read by csrc/sgdc_conv.cpp. nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900)
+// in every compilation pass; it lists the architectures this file was compiled for.
+namespace sgdc {
+namespace cuda_impl {
+#define SGDC_ARCH_STR2(...) #__VA_ARGS__
+#define SGDC_ARCH_STR(...) SGDC_ARCH_STR2(__VA_ARGS__)
+const char* compiled_arch_list() {
+#ifdef __CUDA_ARCH_LIST__
+  return SGDC_ARCH_STR(__CUDA_ARCH_LIST__);
+#else
+  return "";
+#endif
+}
+int compiled_cuda_version() { return CUDART_VERSION; }
+}  // namespace cuda_impl
+}  // namespace sgdc

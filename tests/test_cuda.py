@@ -1,0 +1,276 @@
+"""The `cuda` backend: the compiled extension sgdc_kernels._C (csrc/).
+
+Without a GPU: the extension imports, its operators have the schemas of sgdc_kernels.backends,
+fake kernels and autograd are wired, and the backend reports itself unavailable with the reason.
+With a GPU: agreement with the float64 oracle `unfold_forward`, forward and backward, across
+dtypes, layouts, K, heads, borders and odd sizes; determinism; opcheck; torch.compile; and one
+tensor over 2**31 elements.
+"""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sgdc_kernels
+from sgdc_kernels import BackendUnavailableError, sgdc_conv
+from sgdc_kernels.backends import BACKWARD_SCHEMA, FORWARD_SCHEMA
+from sgdc_kernels.reference import unfold_forward
+
+
+def _extension():
+    try:
+        return importlib.import_module("sgdc_kernels._C")
+    except ImportError as exc:
+        pytest.skip(
+            f"sgdc_kernels._C is not built ({exc}); build it with "
+            "`CUDA_HOME=/usr/local/cuda python setup.py build_ext --inplace` (CI builds it)"
+        )
+
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# ---------------------------------------------------------------------------------------------
+# Without a GPU: registration, schemas, fakes, autograd wiring, availability.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_extension_registers_operators_with_the_shared_schemas():
+    _extension()
+    fwd, bwd = torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default
+    assert str(fwd._schema) == "sgdc::cuda_forward" + FORWARD_SCHEMA
+    assert str(bwd._schema) == "sgdc::cuda_backward" + BACKWARD_SCHEMA
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(fwd.name(), "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(bwd.name(), "CUDA")
+
+
+def test_build_info():
+    _extension()
+    from sgdc_kernels import _cuda
+
+    info = _cuda.build_info()
+    assert info is not None and info["archs"], info
+    assert all(a.startswith("sm_") for a in info["archs"])
+    assert info["cuda"].count(".") == 1
+    assert info["torch"] == torch.__version__.split("+")[0]
+
+
+def test_extension_and_python_ops_share_the_namespace():
+    """The C++ fragment and the Python-defined sgdc::torch_* ops load in one process, either order."""
+    _extension()
+    code = (
+        "import torch, importlib, sgdc_kernels; order = {order!r}\n"
+        "for step in order:\n"
+        "    importlib.import_module('sgdc_kernels._C') if step == 'C' else sgdc_kernels.get_backend('torch')\n"
+        "assert hasattr(torch.ops.sgdc, 'cuda_forward') and hasattr(torch.ops.sgdc, 'torch_forward')\n"
+    )
+    for order in (["C", "torch"], ["torch", "C"]):
+        subprocess.run([sys.executable, "-c", code.format(order=order)], check=True)
+
+
+def _fake_inputs(B, C, H, W, G, K, gate, channels_last, dtype, device="cuda"):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    make = lambda c: torch.empty(B, c, H, W, device=device, dtype=dtype).to(  # noqa: E731
+        memory_format=fmt
+    ).requires_grad_()
+    return make(C), make(G * K * K), (make(C) if gate else None)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_kernels_and_autograd(channels_last, gate, dtype):
+    """Under FakeTensorMode (no GPU needed), forward and backward give the shapes, strides and
+    dtypes of torch.empty_like of the inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _extension()
+    with FakeTensorMode():
+        x, k, g = _fake_inputs(2, 8, 5, 6, 2, 3, gate, channels_last, dtype)
+        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
+        assert out.shape == x.shape and out.stride() == x.stride() and out.dtype == dtype
+        assert out.device.type == "cuda"
+        dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2)
+        assert dx.stride() == x.stride() and dk.stride() == k.stride()
+        assert dk.shape == k.shape and dk.dtype == dtype
+        if gate:
+            assert dg.shape == x.shape and dg.stride() == g.stride()
+        else:
+            assert dg.numel() == 0
+        # Autograd through the registered backward; the engine needs a real CUDA device for
+        # fake CUDA tensors, so this part runs on fake meta tensors.
+        x, k, g = _fake_inputs(2, 8, 5, 6, 2, 3, gate, channels_last, dtype, device="meta")
+        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
+        grads = torch.autograd.grad(out.sum(), [t for t in (x, k, g) if t is not None])
+        for grad, leaf in zip(grads, (x, k, g)):
+            assert grad.shape == leaf.shape and grad.stride() == leaf.stride()
+
+
+def test_operators_reject_cpu_tensors():
+    _extension()
+    x, k = torch.randn(1, 4, 3, 3), torch.randn(1, 4 * 9, 3, 3)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        torch.ops.sgdc.cuda_forward(x, k, None, 3, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_unavailable_without_gpu_says_why():
+    assert "cuda" not in sgdc_kernels.available_backends()
+    reason = sgdc_kernels.unavailable_reason("cuda")
+    assert "no CUDA GPU" in reason or "not built" in reason, reason
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable"):
+        sgdc_conv(torch.randn(1, 4, 3, 3), torch.randn(1, 4 * 49, 3, 3), backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# With a GPU.
+# ---------------------------------------------------------------------------------------------
+
+# Maximum error relative to the largest reference value, per dtype.
+TOL = {torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+# (B, C, H, W, heads, K): borders, H or W < K, 1x1, K in {1,3,5,7,9,13}, Cg not a multiple of 8,
+# several tiles in both directions.
+SHAPES = [
+    (2, 8, 9, 11, 2, 3),
+    (1, 12, 7, 5, 3, 5),
+    (2, 16, 13, 10, 4, 7),
+    (1, 4, 5, 6, 1, 1),
+    (1, 6, 4, 3, 2, 9),
+    (1, 4, 1, 1, 2, 13),
+    (1, 3, 15, 17, 1, 13),
+    (2, 20, 8, 40, 2, 7),
+    (1, 16, 33, 70, 4, 5),
+    (1, 10, 19, 21, 5, 11),
+]
+
+
+def _inputs(shape, dtype, channels_last, gate, device="cuda", scale=2.0):
+    B, C, H, W, G, K = shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    make = lambda c: (torch.randn(B, c, H, W, device=device) * scale).to(dtype).contiguous(  # noqa: E731
+        memory_format=fmt
+    )
+    return make(C), make(G * K * K), (make(C) if gate else None)
+
+
+def _reference(x, k, g, K, G, dout):
+    """float64 forward and autograd gradients of the oracle from the same (rounded) inputs."""
+    xs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, k, g)]
+    out = unfold_forward(xs[0], xs[1], xs[2], K, G)
+    grads = torch.autograd.grad(out, [t for t in xs if t is not None], dout.double())
+    return out.detach(), grads
+
+
+def _assert_close(got, ref, dtype, what):
+    err = (got.double() - ref).abs().max().item()
+    scale = ref.abs().max().item() + 1e-30
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
+
+
+@requires_gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}C{}H{}W{}G{}K{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
+def test_matches_float64_reference(shape, dtype, channels_last, gate):
+    K, G = shape[5], shape[4]
+    x, k, g = _inputs(shape, dtype, channels_last, gate)
+    dout = torch.randn_like(x)
+    leaves = [t.clone().requires_grad_() for t in (x, k, g) if t is not None]
+    out = sgdc_conv(*leaves, kernel_size=K, num_heads=G, backend="cuda") if gate else sgdc_conv(
+        leaves[0], leaves[1], None, kernel_size=K, num_heads=G, backend="cuda"
+    )
+    assert out.dtype == dtype and out.stride() == x.stride()
+    grads = torch.autograd.grad(out, leaves, dout)
+    ref_out, ref_grads = _reference(x, k, g, K, G, dout)
+    _assert_close(out, ref_out, dtype, "out")
+    for name, got, ref, leaf in zip(("dx", "dkernel", "dgate"), grads, ref_grads, leaves):
+        assert got.stride() == leaf.stride(), name
+        _assert_close(got, ref, dtype, name)
+
+
+@requires_gpu
+def test_empty_batch():
+    x, k, g = _inputs((0, 8, 5, 5, 2, 3), torch.float32, False, True)
+    out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
+    assert out.shape == x.shape
+    dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2)
+    assert dx.shape == x.shape and dk.shape == k.shape and dg.shape == g.shape
+
+
+@requires_gpu
+def test_operator_checks_its_inputs():
+    x, k, g = _inputs((1, 8, 5, 5, 2, 3), torch.float32, False, True)
+    with pytest.raises(RuntimeError, match="kernel must have shape"):
+        torch.ops.sgdc.cuda_forward(x, k[:, :9], g, 3, 2)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.sgdc.cuda_forward(x, k.half(), g, 3, 2)
+    with pytest.raises(RuntimeError, match="dense in x's memory format"):
+        torch.ops.sgdc.cuda_forward(x, k.contiguous(memory_format=torch.channels_last), g, 3, 2)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("K", [7, 9])
+def test_backward_is_deterministic(dtype, K):
+    x, k, g = _inputs((2, 64, 32, 48, 4, K), dtype, True, True)
+    dout = torch.randn_like(x)
+    first = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4)
+    for _ in range(3):
+        again = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@requires_gpu
+@pytest.mark.parametrize("channels_last,gate", [(False, True), (True, False)])
+def test_opcheck(channels_last, gate):
+    x, k, g = _inputs((2, 8, 6, 7, 2, 3), torch.float32, channels_last, gate)
+    args = (x.requires_grad_(), k.requires_grad_(), g.requires_grad_() if gate else None, 3, 2)
+    torch.library.opcheck(torch.ops.sgdc.cuda_forward.default, args)
+    dout = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.sgdc.cuda_backward.default, (dout, *(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
+
+
+@requires_gpu
+def test_torch_compile_fullgraph():
+    x, k, g = _inputs((2, 16, 12, 12, 4, 5), torch.float32, False, True)
+
+    def step(x, k, g):
+        out = sgdc_conv(x, k, g, kernel_size=5, num_heads=4, backend="cuda")
+        return torch.autograd.grad((out * out).sum(), (x, k, g))
+
+    leaves = [t.requires_grad_() for t in (x, k, g)]
+    eager = step(*leaves)
+    compiled = torch.compile(step, fullgraph=True)(*leaves)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+@requires_gpu
+@pytest.mark.slow
+def test_tensor_over_2_31_elements():
+    """x and kernel with more than 2**31 elements (fp16, ~25 GB in all): outputs and gradients at
+    the two corners, where offsets are smallest and largest, match the oracle run on crops."""
+    B, C, H, W, G, K = 1, 8, 16400, 16400, 1, 3
+    assert B * C * H * W > 2**31 and B * G * K * K * H * W > 2**31
+    if torch.cuda.mem_get_info()[0] < 30 * 2**30:
+        pytest.skip("needs about 30 GB of free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda c: torch.randn(B, c, H, W, device="cuda", dtype=torch.float16, generator=gen)  # noqa: E731
+    x, k, dout = rand(C), rand(G * K * K), rand(C)
+    out = torch.ops.sgdc.cuda_forward(x, k, None, K, G)
+    dx, dk, _ = torch.ops.sgdc.cuda_backward(dout, x, k, None, K, G)
+    n, m = 24, 2 * (K // 2)  # crop size; margin where a crop's inner edge cuts the window
+    for top, left in ((0, 0), (H - n, W - n)):
+        rows, cols = slice(top, top + n), slice(left, left + n)
+        crop = lambda t: t[:, :, rows, cols]  # noqa: E731
+        ref_out, (ref_dx, ref_dk) = _reference(crop(x), crop(k), None, K, G, crop(dout))
+        # keep the part at least m away from the crop's inner edges
+        keep = (slice(None), slice(None), slice(0, n - m) if top == 0 else slice(m, n),
+                slice(0, n - m) if left == 0 else slice(m, n))
+        for got, ref, what in ((out, ref_out, "out"), (dx, ref_dx, "dx"), (dk, ref_dk, "dkernel")):
+            _assert_close(crop(got)[keep], ref[keep], torch.float16, what)
