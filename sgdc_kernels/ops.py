@@ -62,6 +62,20 @@ def check_inputs(
             raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
 
 
+def _autocast(x, kernel, gate):
+    """Under torch.autocast, run in the autocast dtype (as convolutions do): inside an autocast
+    region the inputs typically arrive in mixed precisions (LayerNorm in float32, 1x1 convolutions
+    in bfloat16). Outside autocast, mixed dtypes stay an error."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, kernel, gate
+    dtype = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return cast(x), cast(kernel), cast(gate)
+
+
 def sgdc_conv(
     x: Tensor,
     kernel: Tensor,
@@ -87,6 +101,7 @@ def sgdc_conv(
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    x, kernel, gate = _autocast(x, kernel, gate)
     check_inputs(x, kernel, gate, kernel_size, num_heads)
     name = resolve_backend(backend, x.device.type, x.dtype)
     fmt = memory_format_of(x)

@@ -240,3 +240,15 @@ def test_sgdc_rejects_bad_config():
         SGDC(10, num_heads=4)
     with pytest.raises(ValueError, match="kernel_size"):
         SGDC(8, num_heads=4, kernel_size=4)
+
+
+def test_sgdc_under_autocast():
+    # Inside autocast, LayerNorm gives float32 and the 1x1 convolutions bfloat16: sgdc_conv must
+    # run in the autocast dtype rather than reject the mix.
+    m = SGDC(8, 4, 2, 3, ls_init=1.0, backend="torch")
+    x, g = torch.randn(2, 8, 6, 6, requires_grad=True), torch.randn(2, 4, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, g)
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out.float(), m(x, g), atol=0.1, rtol=0.05)
