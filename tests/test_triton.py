@@ -1,0 +1,220 @@
+"""The `triton` backend (triton_ops/) against the float64 unfold oracle.
+
+Without a GPU, conftest.py sets TRITON_INTERPRET=1 and these tests run the very same kernels on CPU
+tensors through Triton's interpreter (float32; slow, so the shapes are tiny). With a GPU they run
+on CUDA tensors in float32, float16 and bfloat16, plus K up to 13, torch.compile and opcheck.
+"""
+
+import os
+
+import pytest
+import torch
+
+from sgdc_kernels import available_backends, get_backend, sgdc_conv
+from sgdc_kernels.reference import unfold_forward
+
+CPU_OK = "triton" in available_backends("cpu")  # only under TRITON_INTERPRET=1
+CUDA_OK = torch.cuda.is_available() and "triton" in available_backends("cuda")
+requires_interpreter = pytest.mark.skipif(not CPU_OK, reason="needs TRITON_INTERPRET=1 (set by conftest without a GPU)")
+requires_gpu = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU with triton")
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-4),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def _inputs(shape, dtype=torch.float32, device="cpu", gate=True, layout="nchw"):
+    """x, kernel logits (spread wide, so the softmax is far from uniform) and gate, or None."""
+    B, C, H, W, G, K = shape
+    fmt = LAYOUTS[layout]
+    x = torch.randn(B, C, H, W, device=device).to(dtype)
+    kernel = (2.0 * torch.randn(B, G * K * K, H, W, device=device)).to(dtype)
+    g = torch.randn(B, C, H, W, device=device).to(dtype) if gate else None
+    return [t.contiguous(memory_format=fmt) if t is not None else None for t in (x, kernel, g)]
+
+
+def run(fn, tensors, grad_out):
+    """fn(*leaves) and the gradients of <fn, grad_out> for the leaves made from ``tensors``
+    (detach keeps their strides), skipping a None gate."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
+
+
+def triton_conv(K, G):
+    return lambda x, kernel, gate: sgdc_conv(x, kernel, gate, kernel_size=K, num_heads=G, backend="triton")
+
+
+def oracle(K, G):
+    """float64 forward of the paper's formulation; its gradients come from autograd."""
+    return lambda *t: unfold_forward(*(a.double() if a is not None else None for a in t), K, G)
+
+
+def assert_close(actual, expected, dtype):
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
+
+
+def check_against_oracle(shape, dtype, device, with_gate, layout):
+    """Forward and all gradients match float64 autograd of the unfold formulation, and every result
+    is laid out exactly like torch.empty_like of its input."""
+    *_, G, K = shape
+    x, kernel, gate = _inputs(shape, dtype, device, with_gate, layout)
+    grad_out = torch.randn_like(x)
+    out, grads = run(triton_conv(K, G), (x, kernel, gate), grad_out)
+    ref_out, ref_grads = run(oracle(K, G), (x, kernel, gate), grad_out.double())
+    assert out.dtype == dtype and out.stride() == torch.empty_like(x).stride()
+    assert_close(out, ref_out, dtype)
+    for got, expected, inp in zip(grads, ref_grads, (x, kernel, gate)):
+        assert got.stride() == torch.empty_like(inp).stride()
+        assert_close(got, expected, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU, through the interpreter (float32)
+# ---------------------------------------------------------------------------------------------
+
+CPU_SHAPES = [
+    # B, C, H, W, G, K
+    (2, 8, 5, 7, 2, 3),  # borders on every side, two heads
+    (1, 4, 3, 2, 4, 7),  # H and W < K, four heads of one channel
+    (2, 6, 4, 5, 3, 1),  # K = 1, three heads of two channels
+    (1, 8, 9, 8, 1, 7),  # the paper's K, one head
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_interpreter_matches_oracle(shape, with_gate, layout):
+    check_against_oracle(shape, torch.float32, "cpu", with_gate, layout)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_interpreter_several_tiles_and_channel_blocks(monkeypatch, layout):
+    # Blocks smaller than the head and the image: 3 channel blocks (dP summed across them) and
+    # 3 pixel tiles per (batch, head), with partial last blocks.
+    from sgdc_kernels.triton_ops import sgdc_conv as impl
+
+    monkeypatch.setitem(impl.INTERPRET_BLOCKS, "BLOCK_P", 16)
+    monkeypatch.setitem(impl.INTERPRET_BLOCKS, "BLOCK_C", 2)
+    check_against_oracle((1, 10, 7, 6, 2, 3), torch.float32, "cpu", True, layout)
+
+
+@requires_interpreter
+def test_interpreter_backward_is_deterministic():
+    x, kernel, gate = _inputs((1, 4, 5, 5, 2, 3))
+    grad_out = torch.randn_like(x)
+    first = run(triton_conv(3, 2), (x, kernel, gate), grad_out)
+    second = run(triton_conv(3, 2), (x, kernel, gate), grad_out)
+    for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b)
+
+
+@requires_interpreter
+def test_interpreter_empty_tensors():
+    for B, C, H, W in [(0, 4, 5, 5), (2, 4, 0, 3)]:
+        x = torch.randn(B, C, H, W, requires_grad=True)
+        kernel = torch.randn(B, 2 * 9, H, W, requires_grad=True)
+        gate = torch.randn(B, C, H, W, requires_grad=True)
+        out = sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=2, backend="triton")
+        assert out.shape == x.shape
+        out.sum().backward()
+        assert x.grad.shape == x.shape and kernel.grad.shape == kernel.shape and gate.grad.shape == gate.shape
+
+
+@requires_interpreter
+@pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
+def test_interpreter_opcheck(with_gate):
+    # Eager checks only: under the interpreter the kernels cannot be traced into a graph
+    # (torch.compile and test_aot_dispatch_dynamic need a GPU; see test_gpu_opcheck).
+    x, kernel, gate = (t.requires_grad_() if t is not None else None for t in _inputs((1, 4, 4, 3, 2, 3), gate=with_gate))
+    backend = get_backend("triton")
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2), test_utils=checks)
+    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
+    torch.library.opcheck(backend.backward, (*detached, 3, 2), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_backend_declares_devices_and_dtypes():
+    if not (CPU_OK or CUDA_OK):
+        pytest.skip("the triton backend cannot run here")
+    backend = get_backend("triton")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    assert ("cpu" in backend.device_types) == interpret
+    assert torch.float32 in backend.dtypes and torch.float64 not in backend.dtypes
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: every dtype, large K, torch.compile, opcheck
+# ---------------------------------------------------------------------------------------------
+
+GPU_SHAPES = CPU_SHAPES + [
+    (2, 32, 17, 19, 4, 9),
+    (1, 16, 12, 30, 2, 13),  # K = 13, H < K
+    (2, 96, 33, 20, 2, 5),  # 48 channels per head: more than one channel block
+]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gpu_matches_oracle(dtype, shape, layout):
+    check_against_oracle(shape, dtype, "cuda", True, layout)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d)[6:])
+def test_gpu_no_gate_and_paper_shape_slice(dtype):
+    check_against_oracle((2, 64, 32, 32, 4, 7), dtype, "cuda", False, "nchw")
+
+
+@requires_gpu
+def test_gpu_backward_is_deterministic():
+    x, kernel, gate = _inputs((2, 64, 32, 32, 4, 7), device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn_like(x)
+    first = run(triton_conv(7, 4), (x, kernel, gate), grad_out)
+    for _ in range(3):
+        again = run(triton_conv(7, 4), (x, kernel, gate), grad_out)
+        for a, b in zip((first[0], *first[1]), (again[0], *again[1])):
+            assert torch.equal(a, b)
+
+
+@requires_gpu
+@pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_gpu_opcheck(with_gate, layout):
+    x, kernel, gate = (
+        t.requires_grad_() if t is not None else None
+        for t in _inputs((2, 8, 6, 5, 2, 3), device="cuda", gate=with_gate, layout=layout)
+    )
+    backend = get_backend("triton")
+    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2))
+    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
+    torch.library.opcheck(backend.backward, (*detached, 3, 2))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_gpu_torch_compile_fullgraph_traces_into_kernels(dtype):
+    torch._dynamo.reset()
+    G, K = 2, 5
+
+    def f(x, kernel, gate):
+        return sgdc_conv(x * 2, kernel, gate, kernel_size=K, num_heads=G, backend="triton").square()
+
+    x, kernel, gate = (t.requires_grad_() for t in _inputs((2, 16, 11, 9, G, K), dtype, "cuda"))
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(x, kernel, gate)
+    expected = f(x, kernel, gate)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    got = torch.autograd.grad(out.sum(), (x, kernel, gate))
+    want = torch.autograd.grad(expected.sum(), (x, kernel, gate))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[dtype])
