@@ -1,6 +1,6 @@
 """Training losses for SGD-Net: segmentation BCE + Dice, and a boundary BCE for the edge head.
 
-All losses run in float32 whatever the logits' dtype (autocast-safe).
+All losses run in float32 or wider whatever the logits' dtype (autocast-safe).
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
+def _wide(t: Tensor) -> Tensor:
+    """float32 for half-precision tensors, otherwise unchanged (float64 stays float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def boundary_target(mask: Tensor, radius: int = 2) -> Tensor:
     """Morphological gradient of a binary (B, 1, H, W) mask: dilation minus erosion with a
     (2*radius+1)-square structuring element, i.e. a band about 2*radius pixels wide centred on the
     contour. Outside the image counts as neither foreground nor background (max-pool padding), so a
     mask that touches the image border gets no boundary along it. radius 0 gives all zeros."""
-    mask = mask.float()
+    mask = _wide(mask)
     if radius <= 0:
         return torch.zeros_like(mask)
     k = 2 * radius + 1
@@ -32,8 +37,8 @@ def soft_dice_loss(logits: Tensor, target: Tensor, smooth_nr: float = 1e-5, smoo
     """1 - (2|P.T| + smooth_nr) / (|P| + |T| + smooth_dr), P = sigmoid(logits), per image and
     channel, then averaged: MONAI's DiceLoss(sigmoid=True) with its default smoothing. An image with
     an empty target and an all-background prediction scores a loss near 0."""
-    p = torch.sigmoid(logits.float()).flatten(2)
-    t = target.float().flatten(2)
+    p = torch.sigmoid(_wide(logits)).flatten(2)
+    t = _wide(target).flatten(2)
     inter = (p * t).sum(-1)
     denom = p.sum(-1) + t.sum(-1)
     return (1.0 - (2.0 * inter + smooth_nr) / (denom + smooth_dr)).mean()
@@ -72,13 +77,13 @@ class SegEdgeLoss(nn.Module):
         return (neg / pos.clamp_min(1.0)).clamp(1.0, self.max_pos_weight)
 
     def forward(self, seg_logits: Tensor, edge_logits: Tensor, mask: Tensor) -> dict[str, Tensor]:
-        mask = mask.float()
-        seg_logits = seg_logits.float()
+        seg_logits = _wide(seg_logits)
+        mask = mask.to(seg_logits.dtype)
         bce = F.binary_cross_entropy_with_logits(seg_logits, mask)
         dice = soft_dice_loss(seg_logits, mask)
         edge_target = boundary_target(mask, self.edge_radius)
         edge = F.binary_cross_entropy_with_logits(
-            edge_logits.float(), edge_target, pos_weight=self.pos_weight(edge_target)
+            edge_logits.to(mask.dtype), edge_target, pos_weight=self.pos_weight(edge_target)
         )
         total = self.bce_weight * bce + self.dice_weight * dice + self.edge_weight * edge
         return {"loss": total, "bce": bce, "dice": dice, "edge": edge}
