@@ -86,3 +86,19 @@ def test_ddp_two_processes_gloo(tmp_path):
     epochs = metrics["epochs"]
     assert len(epochs) == 2 and all(math.isfinite(e[k]) for e in epochs for k in ("iou", "dice", "hd95"))
     assert (tmp_path / "last.pt").exists()
+
+
+def test_train_step_benchmark_runs_on_cpu():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run(device="cpu", backends=["torch"], image_size=64, batch_size=1, backbone="resnet10t",
+                     dim=32, depth=1, warmup=0, iters=1)  # fmt: skip
+    assert [r["backend"] for r in rows] == ["unfold", "torch"]
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows)
+    assert rows[1]["speedup_vs_unfold"] > 0
+    assert "unfold" in bench.format_table(rows)

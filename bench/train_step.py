@@ -1,0 +1,207 @@
+"""Time a full SGD-Net training step (forward, backward, AdamW step) per sgdc_conv backend.
+
+    python bench/train_step.py                      # GPU if present: 512x512, batch 8, resnet50, dim 256, depth 4
+    python bench/train_step.py --device cpu         # small CPU configuration (128x128, batch 2), about a minute
+    python bench/train_step.py --out bench/results/train_step_h100.json --backends unfold,torch,triton,cuda
+
+For each backend: the median step time after warm-up (CUDA events on GPU), images/s, the peak of
+torch.cuda.max_memory_allocated during the timed steps (GPU only), and both relative to `unfold`,
+the paper's formulation. A backend that runs out of memory is reported as "oom", not fatal.
+
+From Python: ``run(device="cpu") -> list[dict]`` (one row per backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+CONFIGS = {
+    # The paper's shape: stride-4 features of a 512x512 batch of 8 are B=8, C=256, 128x128.
+    "cuda": dict(image_size=512, batch_size=8, backbone="resnet50", dim=256, depth=4, warmup=5, iters=20),
+    "cpu": dict(image_size=128, batch_size=2, backbone="resnet18", dim=64, depth=2, warmup=2, iters=10),
+}
+
+
+def _batch(batch_size: int, image_size: int, device: torch.device):
+    from sgdc_kernels.data import SyntheticLesions
+
+    ds = SyntheticLesions(batch_size, image_size, seed=0)
+    images, masks = (torch.stack(t).to(device) for t in zip(*[ds[i] for i in range(batch_size)]))
+    return images, masks
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step, device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls of ``step`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _bench_backend(backend: str, cfg: dict, device: torch.device, amp: str, channels_last: bool, images, masks) -> dict:
+    from sgdc_kernels.losses import SegEdgeLoss
+    from sgdc_kernels.models import SGDNet
+    from sgdc_kernels.train import build_optimizer, make_scaler, train_step
+
+    row = dict(backend=backend, device=str(device), amp=amp, channels_last=channels_last,
+               **{k: cfg[k] for k in ("image_size", "batch_size", "backbone", "dim", "depth")})  # fmt: skip
+    torch.manual_seed(0)
+    model = optimizer = None
+    try:
+        model = SGDNet(backbone=cfg["backbone"], dim=cfg["dim"], depth=cfg["depth"], backend=backend).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        model.train()
+        optimizer = build_optimizer(model, 1e-4, 1e-4)
+        scaler, loss_fn = make_scaler(device, amp), SegEdgeLoss()
+        step = lambda: train_step(model, images, masks, loss_fn, optimizer, scaler, amp)  # noqa: E731
+        if device.type == "cuda":
+            step()  # the first step allocates the optimizer state
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = _time_steps(step, device, cfg["warmup"], cfg["iters"])
+        ms = statistics.median(times)
+        row.update(status="ok", ms_per_step=ms, images_per_s=cfg["batch_size"] * 1e3 / ms,
+                   ms_min=min(times), ms_max=max(times), iters=len(times))  # fmt: skip
+        if device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    except torch.OutOfMemoryError as exc:
+        row.update(status="oom", error=str(exc).splitlines()[0])
+    except Exception as exc:  # report, keep benchmarking the other backends
+        row.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+    finally:
+        del model, optimizer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def run(
+    device: Optional[str] = None,
+    backends: Optional[Sequence[str]] = None,
+    image_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    backbone: Optional[str] = None,
+    dim: Optional[int] = None,
+    depth: Optional[int] = None,
+    amp: str = "none",
+    channels_last: bool = False,
+    warmup: Optional[int] = None,
+    iters: Optional[int] = None,
+) -> list[dict]:
+    """One row per backend: ms_per_step (median), images_per_s, peak_mem_gb (GPU), speedup and
+    memory_ratio against unfold (unfold's time or peak over this backend's), status ok/oom/error."""
+    from sgdc_kernels import available_backends
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    cfg = dict(CONFIGS["cuda" if dev.type == "cuda" else "cpu"])
+    overrides = dict(image_size=image_size, batch_size=batch_size, backbone=backbone, dim=dim, depth=depth,
+                     warmup=warmup, iters=iters)  # fmt: skip
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if backends is None:
+        # Triton on a CPU would run in its (very slow) interpreter: only when asked for.
+        backends = [b for b in available_backends(dev.type) if dev.type == "cuda" or b != "triton"]
+    backends = ["unfold"] + [b for b in backends if b != "unfold"]
+    images, masks = _batch(cfg["batch_size"], cfg["image_size"], dev)
+    rows = [_bench_backend(b, cfg, dev, amp, channels_last, images, masks) for b in backends]
+    base = rows[0]
+    for row in rows:
+        if row["status"] == "ok" and base["status"] == "ok":
+            row["speedup_vs_unfold"] = base["ms_per_step"] / row["ms_per_step"]
+            if "peak_mem_gb" in row:
+                row["memory_ratio_vs_unfold"] = base["peak_mem_gb"] / row["peak_mem_gb"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(row, key, fmt):
+        return fmt.format(row[key]) if key in row else "-"
+
+    head = f"{'backend':<8} {'status':<6} {'ms/step':>9} {'img/s':>8} {'peak GB':>8} {'speedup':>8} {'mem ratio':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['backend']:<8} {r['status']:<6} {cell(r, 'ms_per_step', '{:9.1f}'):>9} "
+            f"{cell(r, 'images_per_s', '{:8.2f}'):>8} {cell(r, 'peak_mem_gb', '{:8.2f}'):>8} "
+            f"{cell(r, 'speedup_vs_unfold', '{:7.2f}x'):>8} {cell(r, 'memory_ratio_vs_unfold', '{:8.2f}x'):>9}"
+        )
+    return "\n".join(lines)
+
+
+def environment(device: str) -> dict:
+    env = {"torch": torch.__version__, "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--backends", default=None, help="comma-separated (default: all available; unfold always runs)")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--backbone", default=None)
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
+    a = p.parse_args(argv)
+    backends = a.backends.split(",") if a.backends else None
+    rows = run(a.device, backends, a.image_size, a.batch_size, a.backbone, a.dim, a.depth, a.amp,
+               a.channels_last, a.warmup, a.iters)  # fmt: skip
+    first = rows[0]
+    print(
+        f"SGD-Net training step, {first['backbone']} dim={first['dim']} depth={first['depth']}, "
+        f"{first['batch_size']}x3x{first['image_size']}x{first['image_size']}, amp={a.amp}, on {first['device']}"
+    )
+    print(format_table(rows))
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['backend']}: {r['status']}: {r.get('error', '')}")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"environment": environment(first["device"]), "rows": rows}, indent=2) + "\n")
+        print(f"wrote {a.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main(sys.argv[1:])
