@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,30 +37,14 @@ def _batch(batch_size: int, image_size: int, device: torch.device):
     return images, masks
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _median_ms():
+    """bench/run.py's timer (CUDA events on GPU, perf_counter on CPU, median after warm-up)."""
+    import importlib.util
 
-
-def _time_steps(step, device: torch.device, warmup: int, iters: int) -> list[float]:
-    """Milliseconds of each of ``iters`` calls of ``step`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    spec = importlib.util.spec_from_file_location("sgdc_bench_run", Path(__file__).with_name("run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.median_ms
 
 
 def _bench_backend(backend: str, cfg: dict, device: torch.device, amp: str, channels_last: bool, images, masks) -> dict:
@@ -87,10 +69,8 @@ def _bench_backend(backend: str, cfg: dict, device: torch.device, amp: str, chan
             step()  # the first step allocates the optimizer state
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        times = _time_steps(step, device, cfg["warmup"], cfg["iters"])
-        ms = statistics.median(times)
-        row.update(status="ok", ms_per_step=ms, images_per_s=cfg["batch_size"] * 1e3 / ms,
-                   ms_min=min(times), ms_max=max(times), iters=len(times))  # fmt: skip
+        ms = _median_ms()(step, device.type, cfg["warmup"], cfg["iters"], float("inf"))
+        row.update(status="ok", ms_per_step=ms, images_per_s=cfg["batch_size"] * 1e3 / ms, iters=cfg["iters"])
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     except torch.OutOfMemoryError as exc:
