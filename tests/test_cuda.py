@@ -129,7 +129,7 @@ def test_unavailable_without_gpu_says_why():
 # ---------------------------------------------------------------------------------------------
 
 # Maximum error relative to the largest reference value, per dtype.
-TOL = {torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 # (B, C, H, W, heads, K): borders, H or W < K, 1x1, K in {1,3,5,7,9,13}, Cg not a multiple of 8,
 # several tiles in both directions.

@@ -227,6 +227,7 @@ def _blocks(cg: int, hw: int) -> dict:
     keeps the fp32 accumulator (BLOCK_C x BLOCK_P) at 4096 elements, 32 per thread with 4 warps."""
     if INTERPRET:
         return dict(INTERPRET_BLOCKS)
+    cg, hw = int(cg), int(hw)  # specialize (guard) symbolic sizes under torch.compile(dynamic=True)
     block_c = min(triton.next_power_of_2(cg), 32)
     block_p = max(32, min(4096 // block_c, triton.next_power_of_2(hw), 256))
     return {"BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": 4}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole GPU check of the `cuda` backend in one command (issue 3), for an H100/H200 machine
+# with a CUDA toolkit, compute-sanitizer and torch installed (no network needed):
+#
+#   bash bench/gpu_check.sh          # from the repository root; logs and results in ${OUT:-bench/out}
+#
+# Stages, each with its own log and a share of a 10-minute budget (later stages get what is
+# left): build the extension for this GPU, the whole test suite, compute-sanitizer memcheck and
+# racecheck on bench/sanitize_case.py, then bench/run.py. Exit status: 0 only if every stage passed.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+BUDGET="${GPU_CHECK_BUDGET_S:-590}"
+START=$SECONDS
+FAILED=()
+
+# run NAME MAX_SECONDS CMD...: runs CMD with at most MAX_SECONDS (and no more than the budget left)
+run() {
+  local name=$1 max=$2; shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  local limit=$((max < left ? max : left))
+  if ((limit < 10)); then
+    echo "== $name: skipped, budget spent" | tee -a "$OUT/gpu_check.log"; FAILED+=("$name"); return
+  fi
+  echo "== $name (limit ${limit}s): $*" | tee -a "$OUT/gpu_check.log"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/gpu_check.log"
+  tail -n 15 "$OUT/$name.log"
+  ((rc == 0)) || FAILED+=("$name")
+}
+
+: >"$OUT/gpu_check.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/gpu_check.log"
+# Build only for the GPU at hand (fast); override with TORCH_CUDA_ARCH_LIST.
+ARCH="${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
+export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+
+# An editable install (pure Python), then the extension built in place next to the sources.
+run install 120 env SGDC_SKIP_CUDA_BUILD=1 $PY -m pip install --no-build-isolation --no-deps -e .
+run build 240 $PY setup.py build_ext --inplace
+run info 30 $PY -c 'import sgdc_kernels, sgdc_kernels._cuda as c; print(c.build_info()); print(sgdc_kernels.available_backends("cuda"))'
+run memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_case.py
+run racecheck 60 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize_case.py
+run pytest 240 $PY -m pytest tests -x -q
+run bench 200 $PY bench/run.py --device cuda --out "$OUT/bench.json"
+
+echo "== total $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$OUT/gpu_check.log"
+((${#FAILED[@]} == 0))
