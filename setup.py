@@ -26,6 +26,9 @@ def cuda_extension():
     if os.environ.get("SGDC_SKIP_CUDA_BUILD", "0") == "1":
         _say("SGDC_SKIP_CUDA_BUILD=1: installing without the CUDA extension (backend 'cuda' unavailable)")
         return [], {}
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # torch would otherwise guess from PATH, and a wrong guess fails only at link time
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     try:
         import torch
         from torch.utils import cpp_extension
