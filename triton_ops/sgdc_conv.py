@@ -4,10 +4,11 @@ Notation: B batch, C channels, G heads, Cg = C/G channels per head, K odd window
 R = K//2, HW = H*W pixels. ``p`` is a flattened pixel index i*W + j; tap t = u*K + v reads x at
 pixel (i + u - R, j + v - R), that is at flat offset ``(u - R)*W + (v - R)`` when it is in the image.
 
-Every kernel runs on a 2-D grid: axis 0 tiles the pixels (BLOCK_P of them), axis 1 is b*G + h. A
-program computes the softmax statistics of its pixels once (the log-sum-exp over the KK logits),
-keeps them in registers, and loops over the head's channels in blocks of BLOCK_C; the probability of
-a tap is recomputed as exp(logit - lse) where it is needed, so no K*K-fold tensor ever exists.
+Every kernel runs on a 1-D grid of (pixel tile, b*G + h) pairs, pixel tiles fastest; a tile is
+BLOCK_P flat pixels of one batch item and head. A program computes the softmax statistics of its
+pixels once (the log-sum-exp over the KK logits), keeps them in registers, and loops over the
+head's channels in blocks of BLOCK_C; the probability of a tap is recomputed as exp(logit - lse)
+where it is needed, so no K*K-fold tensor ever exists.
 
 Memory layout: each tensor is dense, NCHW or channels_last, so the offset of pixel p is ``p * sp``
 with one pixel stride ``sp`` (W's stride, or H's when W == 1). Every kernel takes the (batch,
@@ -70,10 +71,12 @@ def _softmax_lse(k_base, skc, skp, offs_p, mask_p, KK: tl.constexpr, BLOCK_P: tl
 
 @triton.jit
 def _pixel_tile(H, W, G, BLOCK_P: tl.constexpr):
-    """This program's (b*G + h, b, h) and its BLOCK_P flat pixels: offsets, in-image mask, row, col."""
-    pid_bh = tl.program_id(1)
+    """This program's (b*G + h, b, h) and its BLOCK_P flat pixels: offsets, in-image mask, row, col.
+    The 1-D grid enumerates pixel tiles fastest, so programs running together share their halos."""
+    tiles = tl.cdiv(H * W, BLOCK_P)
+    pid_bh = tl.program_id(0) // tiles
     b = (pid_bh // G).to(tl.int64)
-    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs = (tl.program_id(0) % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = offs < H * W
     return pid_bh, b, pid_bh % G, offs, mask, offs // W, offs % W
 
@@ -283,7 +286,7 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
 
 def _grid(x: Tensor, num_heads: int):
     B, _, H, W = x.shape
-    return lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), B * num_heads)
+    return lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]) * B * num_heads,)
 
 
 # ---------------------------------------------------------------------------------------------
