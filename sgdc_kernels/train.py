@@ -86,7 +86,7 @@ def build_model(args: argparse.Namespace):
     return SGDNet(
         num_classes=1,
         backbone=args.backbone,
-        pretrained=args.pretrained or False,
+        pretrained=True if args.pretrained == "cache" else (args.pretrained or False),
         dim=args.dim,
         depth=args.depth,
         guide_ch=args.guide_ch,
@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="resnet50", help="timm model name")
-    m.add_argument("--pretrained", default=None, help="local checkpoint of the backbone (never downloads)")
+    m.add_argument("--pretrained", default=None, help="backbone weights: a local checkpoint file, or 'cache' for timm's cache (never downloads)")
     m.add_argument("--dim", type=int, default=256)
     m.add_argument("--depth", type=int, default=4, help="SGDC blocks (at stride 4)")
     m.add_argument("--guide-ch", type=int, default=16)
