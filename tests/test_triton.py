@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sgdc_kernels import available_backends, get_backend, sgdc_conv
+from sgdc_kernels.backends import memory_format_of
 from sgdc_kernels.reference import unfold_forward
 
 CPU_OK = "triton" in available_backends("cpu")  # only under TRITON_INTERPRET=1
@@ -65,10 +66,12 @@ def check_against_oracle(shape, dtype, device, with_gate, layout):
     grad_out = torch.randn_like(x)
     out, grads = run(triton_conv(K, G), (x, kernel, gate), grad_out)
     ref_out, ref_grads = run(oracle(K, G), (x, kernel, gate), grad_out.double())
+    # sgdc_conv hands the op its inputs in x's memory format (a no-op unless a layout is ambiguous)
+    fmt = memory_format_of(x)
     assert out.dtype == dtype and out.stride() == torch.empty_like(x).stride()
     assert_close(out, ref_out, dtype)
     for got, expected, inp in zip(grads, ref_grads, (x, kernel, gate)):
-        assert got.stride() == torch.empty_like(inp).stride()
+        assert got.stride() == torch.empty_like(inp.contiguous(memory_format=fmt)).stride()
         assert_close(got, expected, dtype)
 
 
@@ -82,6 +85,7 @@ CPU_SHAPES = [
     (1, 4, 3, 2, 4, 7),  # H and W < K, four heads of one channel
     (2, 6, 4, 5, 3, 1),  # K = 1, three heads of two channels
     (1, 8, 9, 8, 1, 7),  # the paper's K, one head
+    (1, 3, 6, 1, 1, 5),  # W = 1
 ]
 
 
@@ -103,6 +107,12 @@ def test_interpreter_several_tiles_and_channel_blocks(monkeypatch, layout):
     monkeypatch.setitem(impl.INTERPRET_BLOCKS, "BLOCK_P", 16)
     monkeypatch.setitem(impl.INTERPRET_BLOCKS, "BLOCK_C", 2)
     check_against_oracle((1, 10, 7, 6, 2, 3), torch.float32, "cpu", True, layout)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("shape,layout", [((1, 2, 3, 4, 1, 13), "nchw"), ((1, 4, 4, 4, 2, 9), "channels_last")])
+def test_interpreter_large_k(shape, layout):
+    check_against_oracle(shape, torch.float32, "cpu", True, layout)
 
 
 @requires_interpreter
