@@ -121,7 +121,6 @@ def copy_bandwidth(device: str) -> float:
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, warmup=3, iters=20, budget_s=5)
-    del src, dst
     return 2 * n * 4 / (ms * 1e-3)
 
 

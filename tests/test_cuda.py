@@ -17,7 +17,7 @@ import torch
 import sgdc_kernels
 from sgdc_kernels import BackendUnavailableError, sgdc_conv
 from sgdc_kernels.backends import BACKWARD_SCHEMA, FORWARD_SCHEMA
-from sgdc_kernels.reference import unfold_forward
+from sgdc_kernels.testing import assert_close, check_backend, forward_backward, make_inputs, oracle
 
 
 def _extension():
@@ -128,9 +128,6 @@ def test_unavailable_without_gpu_says_why():
 # With a GPU.
 # ---------------------------------------------------------------------------------------------
 
-# Maximum error relative to the largest reference value, per dtype.
-TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
 # (B, C, H, W, heads, K): borders, H or W < K, 1x1, K in {1,3,5,7,9,13}, Cg not a multiple of 8,
 # several tiles in both directions.
 SHAPES = [
@@ -147,27 +144,9 @@ SHAPES = [
 ]
 
 
-def _inputs(shape, dtype, channels_last, gate, device="cuda", scale=2.0):
-    B, C, H, W, G, K = shape
+def _inputs(shape, dtype, channels_last, gate, device="cuda"):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    make = lambda c: (torch.randn(B, c, H, W, device=device) * scale).to(dtype).contiguous(  # noqa: E731
-        memory_format=fmt
-    )
-    return make(C), make(G * K * K), (make(C) if gate else None)
-
-
-def _reference(x, k, g, K, G, dout):
-    """float64 forward and autograd gradients of the oracle from the same (rounded) inputs."""
-    xs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, k, g)]
-    out = unfold_forward(xs[0], xs[1], xs[2], K, G)
-    grads = torch.autograd.grad(out, [t for t in xs if t is not None], dout.double())
-    return out.detach(), grads
-
-
-def _assert_close(got, ref, dtype, what):
-    err = (got.double() - ref).abs().max().item()
-    scale = ref.abs().max().item() + 1e-30
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} vs max |ref| {scale:.3g}"
+    return make_inputs(shape, dtype, device, gate=gate, memory_format=fmt)
 
 
 @requires_gpu
@@ -176,20 +155,8 @@ def _assert_close(got, ref, dtype, what):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
 def test_matches_float64_reference(shape, dtype, channels_last, gate):
-    K, G = shape[5], shape[4]
-    x, k, g = _inputs(shape, dtype, channels_last, gate)
-    dout = torch.randn_like(x)
-    leaves = [t.clone().requires_grad_() for t in (x, k, g) if t is not None]
-    out = sgdc_conv(*leaves, kernel_size=K, num_heads=G, backend="cuda") if gate else sgdc_conv(
-        leaves[0], leaves[1], None, kernel_size=K, num_heads=G, backend="cuda"
-    )
-    assert out.dtype == dtype and out.stride() == x.stride()
-    grads = torch.autograd.grad(out, leaves, dout)
-    ref_out, ref_grads = _reference(x, k, g, K, G, dout)
-    _assert_close(out, ref_out, dtype, "out")
-    for name, got, ref, leaf in zip(("dx", "dkernel", "dgate"), grads, ref_grads, leaves):
-        assert got.stride() == leaf.stride(), name
-        _assert_close(got, ref, dtype, name)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    check_backend("cuda", shape, dtype, "cuda", gate=gate, memory_format=fmt)
 
 
 @requires_gpu
@@ -268,9 +235,9 @@ def test_tensor_over_2_31_elements():
     for top, left in ((0, 0), (H - n, W - n)):
         rows, cols = slice(top, top + n), slice(left, left + n)
         crop = lambda t: t[:, :, rows, cols]  # noqa: E731
-        ref_out, (ref_dx, ref_dk) = _reference(crop(x), crop(k), None, K, G, crop(dout))
+        ref_out, (ref_dx, ref_dk) = forward_backward(oracle(K, G), (crop(x), crop(k), None), crop(dout).double())
         # keep the part at least m away from the crop's inner edges
         keep = (slice(None), slice(None), slice(0, n - m) if top == 0 else slice(m, n),
                 slice(0, n - m) if left == 0 else slice(m, n))
         for got, ref, what in ((out, ref_out, "out"), (dx, ref_dx, "dx"), (dk, ref_dk, "dkernel")):
-            _assert_close(crop(got)[keep], ref[keep], torch.float16, what)
+            assert_close(crop(got)[keep], ref[keep], torch.float16, what)

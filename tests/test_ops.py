@@ -7,17 +7,9 @@ import torch
 
 import sgdc_kernels
 from sgdc_kernels import BackendUnavailableError, available_backends, get_backend, sgdc_conv
-from sgdc_kernels.reference import unfold_forward
+from sgdc_kernels.testing import check_backend, check_tensors, make_inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOL = {
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.float32: dict(atol=2e-5, rtol=1e-4),
-    torch.float16: dict(atol=3e-3, rtol=3e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
-
-
 def _backends(device):
     # Under the CPU interpreter, Triton is slow and has its own tests (tests/test_triton.py).
     return [b for b in available_backends(device) if not (b == "triton" and device == "cpu")]
@@ -28,35 +20,6 @@ def _cases():
         for backend in _backends(device):
             for dtype in get_backend(backend).dtypes:
                 yield pytest.param(device, backend, dtype, id=f"{device}-{backend}-{str(dtype)[6:]}")
-
-
-def make_inputs(B, C, H, W, G, K, dtype=torch.float32, device="cpu", gate=True, scale=2.0):
-    x = torch.randn(B, C, H, W, dtype=dtype, device=device)
-    kernel = (scale * torch.randn(B, G * K * K, H, W, device=device)).to(dtype)
-    g = torch.randn(B, C, H, W, dtype=dtype, device=device) if gate else None
-    return x, kernel, g
-
-
-def reference(x, kernel, gate, K, G, grad_out):
-    """float64 forward and gradients of the paper's formulation, by autograd."""
-    leaves = [t.detach().double().requires_grad_() for t in (x, kernel) + ((gate,) if gate is not None else ())]
-    out = unfold_forward(leaves[0], leaves[1], leaves[2] if gate is not None else None, K, G)
-    grads = torch.autograd.grad(out, leaves, grad_out.double())
-    return out, grads
-
-
-def run(backend, x, kernel, gate, K, G, grad_out):
-    """The backend's output and gradients, on the very tensors given (detach keeps their strides)."""
-    leaves = [t.detach().requires_grad_() for t in (x, kernel) + ((gate,) if gate is not None else ())]
-    out = sgdc_conv(
-        leaves[0], leaves[1], leaves[2] if gate is not None else None, kernel_size=K, num_heads=G, backend=backend
-    )
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    return out, grads
-
-
-def assert_close(actual, expected, dtype):
-    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
 
 
 SHAPES = [
@@ -73,24 +36,15 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
 def test_matches_float64_oracle(device, backend, dtype, shape, with_gate):
-    B, C, H, W, G, K = shape
-    x, kernel, gate = make_inputs(B, C, H, W, G, K, dtype, device, gate=with_gate)
-    grad_out = torch.randn(B, C, H, W, dtype=dtype, device=device)
-    ref_out, ref_grads = reference(x, kernel, gate, K, G, grad_out)
-    out, grads = run(backend, x, kernel, gate, K, G, grad_out)
-    assert out.dtype == dtype and out.shape == x.shape
-    assert_close(out, ref_out, dtype)
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == dtype
-        assert_close(g, r, dtype)
+    check_backend(backend, shape, dtype, device, gate=with_gate)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "transposed"])
 def test_layouts(device, layout):
-    B, C, H, W, G, K = 2, 8, 6, 7, 2, 3
+    shape = B, C, H, W, G, K = 2, 8, 6, 7, 2, 3
     for backend in _backends(device):
-        x, kernel, gate = make_inputs(B, C, H, W, G, K, device=device)
+        x, kernel, gate = make_inputs(shape, device=device)
         if layout == "channels_last":
             x, kernel, gate = (t.contiguous(memory_format=torch.channels_last) for t in (x, kernel, gate))
         elif layout == "sliced":  # channel slices of a bigger tensor, as SGDC's split produces
@@ -98,24 +52,13 @@ def test_layouts(device, layout):
             x, gate, kernel = torch.split(big, [C, C, G * K * K], dim=1)
         else:  # H and W swapped in memory
             x, kernel, gate = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (x, kernel, gate))
-        grad_out = torch.randn(B, C, H, W, device=device)
-        ref_out, ref_grads = reference(x, kernel, gate, K, G, grad_out)
-        out, grads = run(backend, x, kernel, gate, K, G, grad_out)
-        assert_close(out, ref_out, torch.float32)
-        for g, r in zip(grads, ref_grads):
-            assert_close(g, r, torch.float32)
-        if layout == "channels_last":
-            assert out.is_contiguous(memory_format=torch.channels_last), backend
-            if get_backend(backend).backward is not None:  # unfold's gradients are autograd's
-                assert all(g.is_contiguous(memory_format=torch.channels_last) for g in grads), backend
-        else:
-            assert out.is_contiguous(), backend
+        check_tensors(backend, (x, kernel, gate), K, G)
 
 
 @pytest.mark.parametrize("backend", ["unfold", "torch"])
 @pytest.mark.parametrize("with_gate", [True, False])
 def test_gradcheck_float64(backend, with_gate):
-    x, kernel, gate = make_inputs(1, 4, 4, 5, 2, 3, torch.float64, gate=with_gate)
+    x, kernel, gate = make_inputs((1, 4, 4, 5, 2, 3), torch.float64, gate=with_gate)
     inputs = tuple(t.requires_grad_() for t in (x, kernel, gate) if t is not None)
 
     def f(*args):
@@ -130,7 +73,7 @@ def test_opcheck_torch_backend(layout, with_gate):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x, kernel, gate = (
         t.contiguous(memory_format=fmt).requires_grad_() if t is not None else None
-        for t in make_inputs(2, 4, 5, 6, 2, 3, gate=with_gate)
+        for t in make_inputs((2, 4, 5, 6, 2, 3), gate=with_gate)
     )
     backend = get_backend("torch")
     torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2))
@@ -191,14 +134,14 @@ def test_available_backends_and_registry():
     assert set(available_backends("cpu")) >= {"unfold", "torch"}
     with pytest.raises(ValueError, match="backend: unknown backend 'nope'"):
         get_backend("nope")
-    x, kernel, gate = make_inputs(1, 4, 3, 3, 2, 3)
+    x, kernel, gate = make_inputs((1, 4, 3, 3, 2, 3))
     with pytest.raises(ValueError, match="unknown backend"):
         sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=2, backend="nope")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 def test_unavailable_backend_says_why():
-    x, kernel, gate = make_inputs(1, 4, 3, 3, 2, 3)
+    x, kernel, gate = make_inputs((1, 4, 3, 3, 2, 3))
     assert "cuda" not in available_backends()
     with pytest.raises(BackendUnavailableError, match="cuda") as info:
         sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=2, backend="cuda")
@@ -269,12 +212,12 @@ def test_unsupported_dtype_for_backend_is_named():
     dtypes = get_backend("triton").dtypes
     if torch.float64 in dtypes:
         pytest.skip("this triton build accepts float64")
-    x, kernel, gate = make_inputs(1, 4, 3, 3, 2, 3, torch.float64)
+    x, kernel, gate = make_inputs((1, 4, 3, 3, 2, 3), torch.float64)
     with pytest.raises(TypeError, match="x: backend 'triton' does not support dtype torch.float64"):
         sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=2, backend="triton")
 
 
 def test_half_and_bfloat16_keep_dtype_on_cpu():
     for dtype, backend in itertools.product((torch.float16, torch.bfloat16), ("torch", "unfold")):
-        x, kernel, gate = make_inputs(1, 4, 4, 4, 2, 3, dtype)
+        x, kernel, gate = make_inputs((1, 4, 4, 4, 2, 3), dtype)
         assert sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=2, backend=backend).dtype == dtype

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from sgdc_kernels import available_backends, get_backend, sgdc_conv
-from sgdc_kernels.backends import memory_format_of
-from sgdc_kernels.reference import unfold_forward
+from sgdc_kernels.testing import TOLERANCES as TOL
+from sgdc_kernels.testing import backend_fn, check_backend, make_inputs
+from sgdc_kernels.testing import forward_backward as run
 
 CPU_OK = "triton" in available_backends("cpu")  # only under TRITON_INTERPRET=1
 CUDA_OK = torch.cuda.is_available() and "triton" in available_backends("cuda")
@@ -20,59 +21,18 @@ requires_interpreter = pytest.mark.skipif(not CPU_OK, reason="needs TRITON_INTER
 requires_gpu = pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU with triton")
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-TOL = {
-    torch.float32: dict(atol=2e-5, rtol=1e-4),
-    torch.float16: dict(atol=3e-3, rtol=3e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-}
 
 
 def _inputs(shape, dtype=torch.float32, device="cpu", gate=True, layout="nchw"):
-    """x, kernel logits (spread wide, so the softmax is far from uniform) and gate, or None."""
-    B, C, H, W, G, K = shape
-    fmt = LAYOUTS[layout]
-    x = torch.randn(B, C, H, W, device=device).to(dtype)
-    kernel = (2.0 * torch.randn(B, G * K * K, H, W, device=device)).to(dtype)
-    g = torch.randn(B, C, H, W, device=device).to(dtype) if gate else None
-    return [t.contiguous(memory_format=fmt) if t is not None else None for t in (x, kernel, g)]
-
-
-def run(fn, tensors, grad_out):
-    """fn(*leaves) and the gradients of <fn, grad_out> for the leaves made from ``tensors``
-    (detach keeps their strides), skipping a None gate."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
-    out = fn(*leaves)
-    return out, torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
+    return make_inputs(shape, dtype, device, gate=gate, memory_format=LAYOUTS[layout])
 
 
 def triton_conv(K, G):
-    return lambda x, kernel, gate: sgdc_conv(x, kernel, gate, kernel_size=K, num_heads=G, backend="triton")
-
-
-def oracle(K, G):
-    """float64 forward of the paper's formulation; its gradients come from autograd."""
-    return lambda *t: unfold_forward(*(a.double() if a is not None else None for a in t), K, G)
-
-
-def assert_close(actual, expected, dtype):
-    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype])
+    return backend_fn("triton", K, G)
 
 
 def check_against_oracle(shape, dtype, device, with_gate, layout):
-    """Forward and all gradients match float64 autograd of the unfold formulation, and every result
-    is laid out exactly like torch.empty_like of its input."""
-    *_, G, K = shape
-    x, kernel, gate = _inputs(shape, dtype, device, with_gate, layout)
-    grad_out = torch.randn_like(x)
-    out, grads = run(triton_conv(K, G), (x, kernel, gate), grad_out)
-    ref_out, ref_grads = run(oracle(K, G), (x, kernel, gate), grad_out.double())
-    # sgdc_conv hands the op its inputs in x's memory format (a no-op unless a layout is ambiguous)
-    fmt = memory_format_of(x)
-    assert out.dtype == dtype and out.stride() == torch.empty_like(x).stride()
-    assert_close(out, ref_out, dtype)
-    for got, expected, inp in zip(grads, ref_grads, (x, kernel, gate)):
-        assert got.stride() == torch.empty_like(inp.contiguous(memory_format=fmt)).stride()
-        assert_close(got, expected, dtype)
+    check_backend("triton", shape, dtype, device, gate=with_gate, memory_format=LAYOUTS[layout])
 
 
 # ---------------------------------------------------------------------------------------------
