@@ -31,12 +31,13 @@ import time
 import torch
 
 import sgdc_kernels
-from sgdc_kernels import available_backends, sgdc_conv
+from sgdc_kernels import available_backends, sgdc_conv, testing
 from sgdc_kernels.reference import shift_forward
 
 PEER = "torch.compile(shift)"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-GPU_SHAPES = ["8x256x128x128x4x7", "8x256x64x64x4x7", "8x256x128x128x4x3", "2x128x256x256x4x7", "8x64x128x128x4x13"]
+GPU_SHAPES = ["8x256x128x128x4x7", "8x256x64x64x4x7", "8x64x128x128x4x13"]
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 CPU_SHAPES = ["2x64x64x64x4x7", "1x32x96x96x4x5"]
 
 
@@ -52,13 +53,12 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return parts
 
 
-def make_inputs(shape, dtype, device, requires_grad=False):
-    B, C, H, W, G, K = shape
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(B, C, H, W, generator=gen, device=device).to(dtype)
-    kernel = torch.randn(B, G * K * K, H, W, generator=gen, device=device).to(dtype)
-    gate = torch.randn(B, C, H, W, generator=gen, device=device).to(dtype)
-    grad_out = torch.randn(B, C, H, W, generator=gen, device=device).to(dtype)
+def make_inputs(shape, dtype, device, layout="nchw", requires_grad=False):
+    """Random inputs (never zeros) and a gradient, in the given memory layout."""
+    torch.manual_seed(0)
+    fmt = LAYOUTS[layout]
+    x, kernel, gate = testing.make_inputs(shape, dtype, device, memory_format=fmt, scale=1.0)
+    grad_out = torch.randn_like(x)
     for t in (x, kernel, gate):
         t.requires_grad_(requires_grad)
     return x, kernel, gate, grad_out
@@ -124,9 +124,9 @@ def copy_bandwidth(device: str) -> float:
     return 2 * n * 4 / (ms * 1e-3)
 
 
-def time_case(backend, shape, dtype, device, args) -> dict:
+def time_case(backend, shape, dtype, layout, device, args) -> dict:
     fn = make_fn(backend, shape)
-    x, kernel, gate, grad_out = make_inputs(shape, dtype, device)
+    x, kernel, gate, grad_out = make_inputs(shape, dtype, device, layout)
 
     def forward():
         with torch.no_grad():
@@ -164,15 +164,15 @@ def _read_status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_cpu_memory_child(backend, shape, dtype_name) -> None:
+def measure_cpu_memory_child(backend, shape, dtype_name, layout) -> None:
     """Run in a subprocess: prints the peak resident bytes of one forward+backward beyond the inputs."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     dtype = DTYPES[dtype_name]
     fn = make_fn(backend, shape)
-    x, kernel, gate, grad_out = make_inputs(shape, dtype, "cpu", requires_grad=True)
+    x, kernel, gate, grad_out = make_inputs(shape, dtype, "cpu", layout, requires_grad=True)
     # warm-up on a tiny case: loads the backend (and compiles) without touching the big arrays
     small = (1, shape[1], 2, 2, shape[4], shape[5])
-    xs, ks, gs, gos = make_inputs(small, dtype, "cpu", requires_grad=True)
+    xs, ks, gs, gos = make_inputs(small, dtype, "cpu", layout, requires_grad=True)
     torch.autograd.grad(make_fn(backend, small)(xs, ks, gs), (xs, ks, gs), gos)
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
         f.write("5")
@@ -183,9 +183,10 @@ def measure_cpu_memory_child(backend, shape, dtype_name) -> None:
     print(json.dumps({"peak_extra_mb": (_read_status("VmHWM") - base) / 2**20}))
 
 
-def cpu_peak_memory(backend, shape, dtype_name) -> float | None:
+def cpu_peak_memory(backend, shape, dtype_name, layout) -> float | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # large blocks go back to the OS on free
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", backend, "x".join(map(str, shape)), dtype_name]
+    case = [backend, "x".join(map(str, shape)), dtype_name, layout]
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", *case]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         print(f"  memory measurement of {backend} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -199,7 +200,7 @@ def cpu_peak_memory(backend, shape, dtype_name) -> float | None:
 
 
 def format_table(rows, device) -> str:
-    headers = ["shape BxCxHxWxGxK", "dtype", "backend", "fwd ms", "x unfold", "fwd+bwd ms", "x unfold", "peak extra MB"]
+    headers = ["shape BxCxHxWxGxK", "dtype", "layout", "backend", "fwd ms", "x unfold", "fwd+bwd ms", "x unfold", "peak extra MB"]
     if device == "cuda":
         headers += ["fwd % roof", "f+b % roof"]
     lines = []
@@ -207,9 +208,9 @@ def format_table(rows, device) -> str:
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
 
-        cells = [r["shape"], r["dtype"], r["backend"]]
+        cells = [r["shape"], r["dtype"], r["layout"], r["backend"]]
         if "error" in r:
-            cells += [f"error: {r['error']}"] + [""] * (len(headers) - 4)
+            cells += [f"error: {r['error']}"] + [""] * (len(headers) - 5)
         else:
             cells += [
                 f(r["fwd_ms"], ".3f"), f(r.get("fwd_speedup"), ".1f"),
@@ -233,18 +234,19 @@ def main(argv=None) -> int:
                         f"'{PEER}' names the compiled shift-and-accumulate peer")  # fmt: skip
     parser.add_argument("--dtypes", help="comma-separated: float32,float16,bfloat16,float64 (default GPU: float32,bfloat16; CPU: float32)")
     parser.add_argument("--shapes", help="comma-separated BxCxHxWxGxK (default depends on the device)")
+    parser.add_argument("--layouts", default="nchw", help="comma-separated: nchw,channels_last (default nchw)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default GPU 10, CPU 1)")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations (default GPU 50, CPU 5)")
     parser.add_argument("--budget", type=float, default=10.0, help="max seconds of timed iterations per measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} peer")
     parser.add_argument("--out", default="bench/out/results.json", help="JSON output path")
-    parser.add_argument("--_memory-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._memory_child:
-        backend, shape, dtype_name = args._memory_child
-        measure_cpu_memory_child(backend, parse_shape(shape), dtype_name)
+        backend, shape, dtype_name, layout = args._memory_child
+        measure_cpu_memory_child(backend, parse_shape(shape), dtype_name, layout)
         return 0
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -258,6 +260,10 @@ def main(argv=None) -> int:
     for name in dtype_names:
         if name not in DTYPES:
             parser.error(f"--dtypes: unknown dtype {name!r}; expected some of {', '.join(DTYPES)}")
+    layouts = args.layouts.split(",")
+    for name in layouts:
+        if name not in LAYOUTS:
+            parser.error(f"--layouts: unknown layout {name!r}; expected some of {', '.join(LAYOUTS)}")
     on_device = [b for b in available_backends(device) if not (b == "triton" and not gpu)]
     if args.backends:
         backends = args.backends.split(",")
@@ -282,34 +288,34 @@ def main(argv=None) -> int:
           + (f", copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s" if gpu else ""), flush=True)  # fmt: skip
 
     rows = []
-    for shape in shapes:
-        for dtype_name in dtype_names:
-            dtype = DTYPES[dtype_name]
-            base = None
-            for backend in backends:
-                row = {"shape": "x".join(map(str, shape)), "dtype": dtype_name, "backend": backend}
-                try:
-                    row.update(time_case(backend, shape, dtype, device, args))
-                    if not gpu and not args.no_memory:
-                        row["peak_extra_mb"] = cpu_peak_memory(backend, shape, dtype_name)
-                except (RuntimeError, TypeError, ValueError) as exc:  # OOM, unsupported dtype, ...
-                    row["error"] = str(exc).splitlines()[0][:120]
-                    if gpu:
-                        torch.cuda.empty_cache()
-                if backend == "unfold" and "error" not in row:
-                    base = row
-                if base is not None and "error" not in row:
-                    row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]
-                    row["fwdbwd_speedup"] = base["fwdbwd_ms"] / row["fwdbwd_ms"]
-                if gpu and "error" not in row:
-                    fwd_bytes, fwdbwd_bytes = roofline_bytes(shape, dtype)
-                    bw = meta["copy_bandwidth_GBps"] * 1e9
-                    row["fwd_roofline_ms"] = fwd_bytes / bw * 1e3
-                    row["fwdbwd_roofline_ms"] = fwdbwd_bytes / bw * 1e3
-                    row["fwd_roofline_pct"] = 100 * row["fwd_roofline_ms"] / row["fwd_ms"]
-                    row["fwdbwd_roofline_pct"] = 100 * row["fwdbwd_roofline_ms"] / row["fwdbwd_ms"]
-                rows.append(row)
-                print(format_table([row], device).splitlines()[-1], flush=True)
+    cases = [(shape, d, layout) for shape in shapes for d in dtype_names for layout in layouts]
+    for shape, dtype_name, layout in cases:
+        dtype = DTYPES[dtype_name]
+        base = None
+        for backend in backends:
+            row = {"shape": "x".join(map(str, shape)), "dtype": dtype_name, "layout": layout, "backend": backend}
+            try:
+                row.update(time_case(backend, shape, dtype, layout, device, args))
+                if not gpu and not args.no_memory:
+                    row["peak_extra_mb"] = cpu_peak_memory(backend, shape, dtype_name, layout)
+            except (RuntimeError, TypeError, ValueError) as exc:  # OOM, unsupported dtype, ...
+                row["error"] = str(exc).splitlines()[0][:120]
+                if gpu:
+                    torch.cuda.empty_cache()
+            if backend == "unfold" and "error" not in row:
+                base = row
+            if base is not None and "error" not in row:
+                row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]
+                row["fwdbwd_speedup"] = base["fwdbwd_ms"] / row["fwdbwd_ms"]
+            if gpu and "error" not in row:
+                fwd_bytes, fwdbwd_bytes = roofline_bytes(shape, dtype)
+                bw = meta["copy_bandwidth_GBps"] * 1e9
+                row["fwd_roofline_ms"] = fwd_bytes / bw * 1e3
+                row["fwdbwd_roofline_ms"] = fwdbwd_bytes / bw * 1e3
+                row["fwd_roofline_pct"] = 100 * row["fwd_roofline_ms"] / row["fwd_ms"]
+                row["fwdbwd_roofline_pct"] = 100 * row["fwdbwd_roofline_ms"] / row["fwdbwd_ms"]
+            rows.append(row)
+            print(format_table([row], device).splitlines()[-1], flush=True)
 
     print()
     print(format_table(rows, device))
