@@ -47,8 +47,10 @@ run build 240 $PY setup.py build_ext --inplace
 run info 30 $PY -c 'import sgdc_kernels, sgdc_kernels._cuda as c; print(c.build_info()); print(sgdc_kernels.available_backends("cuda"))'
 run memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_case.py
 run racecheck 60 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize_case.py
-run pytest 240 $PY -m pytest tests -x -q
-run bench 200 $PY bench/run.py --device cuda --out "$OUT/bench.json"
+run pytest 240 $PY -m pytest tests -q
+run bench 150 $PY bench/run.py --device cuda --out "$OUT/bench.json"
+run bench_cl 60 $PY bench/run.py --device cuda --shapes 8x256x128x128x4x7 --layouts channels_last --no-peer --out "$OUT/bench_channels_last.json"
+run train_step 120 $PY bench/train_step.py --device cuda --out "$OUT/train_step.json"
 
 echo "== total $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$OUT/gpu_check.log"
 ((${#FAILED[@]} == 0))
