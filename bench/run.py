@@ -241,6 +241,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} peer")
     parser.add_argument("--out", default="bench/out/results.json", help="JSON output path")
+    parser.add_argument("--train-step", action="store_true",
+                        help="then time a full SGD-Net training step per backend (bench/train_step.py, needs "
+                        "the 'train' extra); its JSON goes beside --out as *_train_step.json")  # fmt: skip
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -323,6 +326,11 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     print(f"\nwrote {args.out}")
+    if args.train_step:
+        out = os.path.splitext(args.out)[0] + "_train_step.json"
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py")
+        print(f"\n# SGD-Net training step ({script})", flush=True)
+        return subprocess.run([sys.executable, script, "--device", device, "--out", out]).returncode
     return 0
 
 

@@ -179,8 +179,8 @@ _LOADERS: dict[str, Callable[[str], Backend]] = {
 
 BACKEND_NAMES = tuple(_LOADERS)
 
-# "auto" picks the first one that accepts the tensors, in this order.
-_AUTO_ORDER = ("cuda", "triton", "torch", "unfold")
+# "auto" picks the first one that loads and accepts the tensors, in this order per device type.
+_AUTO_ORDER = {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")}
 
 
 # name -> Backend, or the BackendUnavailableError that explains why it is missing.
@@ -242,9 +242,7 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
     torch.compile this runs once at trace time and its result is a constant.
     """
     if name == "auto":
-        if device_type == "cpu":
-            return "torch"
-        for candidate in _AUTO_ORDER:
+        for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
             loaded = _load(candidate)
             if not isinstance(loaded, BackendUnavailableError) and (
                 device_type in loaded.device_types and dtype in loaded.dtypes

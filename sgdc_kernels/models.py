@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import available_backends, get_backend
+from .backends import get_backend
 from .modules import SGDC, SGE, ConvBNReLU
 
 Tensor = torch.Tensor
@@ -120,16 +120,6 @@ def create_backbone(name: str, pretrained: Union[bool, str, None], in_chans: int
     return model
 
 
-def _cast_to_autocast_dtype(module, inputs, output):
-    # SGDC feeds sgdc_conv with norm1(x), which autocast keeps in float32, and with kernel/gate
-    # logits from a convolution, which autocast lowers; sgdc_conv wants one dtype. Casting the
-    # norm's output to the autocast dtype gives it that, without touching the module's weights.
-    device_type = output.device.type
-    if torch.is_autocast_enabled(device_type):
-        return output.to(torch.get_autocast_dtype(device_type))
-    return output
-
-
 class SGDNet(nn.Module):
     """SGD-Net: timm backbone + SGE + FPN decoder with SGDC blocks + segmentation and edge heads.
 
@@ -167,7 +157,7 @@ class SGDNet(nn.Module):
         in_chans: int = 3,
     ):
         super().__init__()
-        self._load_backend(backend)
+        self._check_backend(backend)
         depths = (0, 0, 0, int(depth)) if isinstance(depth, int) else tuple(int(d) for d in depth)
         if len(depths) != 4 or min(depths) < 0:
             raise ValueError(f"depth: expected an int >= 0 or 4 per-level counts >= 0, got {depth!r}")
@@ -194,18 +184,12 @@ class SGDNet(nn.Module):
                 i += 1
             blocks.append(nn.ModuleList(level))
         self.blocks = nn.ModuleList(blocks)
-        for block in self.sgdc_blocks():
-            block.norm1.register_forward_hook(_cast_to_autocast_dtype)
         self.seg_head = nn.Sequential(ConvBNReLU(dim, dim // 2, 3), nn.Conv2d(dim // 2, num_classes, 1))
 
     @staticmethod
-    def _load_backend(backend: str) -> None:
-        # Fails early, with the registry's reason, on an unknown or unavailable backend. It also
-        # loads the backends before the first forward: sgdc_conv(backend="auto") on CPU resolves
-        # to "torch" without loading it (a KeyError in backends.forward_op otherwise).
-        if backend == "auto":
-            available_backends()
-        else:
+    def _check_backend(backend: str) -> None:
+        # Fails at construction, with the registry's reason, on an unknown or unavailable backend.
+        if backend != "auto":
             get_backend(backend)
 
     def sgdc_blocks(self) -> list[SGDC]:
@@ -213,7 +197,7 @@ class SGDNet(nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Switch every SGDC block to sgdc_conv backend ``backend``."""
-        self._load_backend(backend)
+        self._check_backend(backend)
         for block in self.sgdc_blocks():
             block.backend = backend
 

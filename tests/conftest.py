@@ -26,3 +26,15 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_outside_the_checkout(tmp_path_factory):
+    """Tests start from an empty folder: `python -m sgdc_kernels...` and `python -c` in a
+    subprocess put the working directory first on sys.path, and from the repository root they
+    would import the source tree instead of the installed package (which has the compiled
+    extension and sgdc_kernels.triton_ops)."""
+    here = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(here)

@@ -34,3 +34,14 @@ def test_bench_runs_and_writes_json(tmp_path):
     for r in rows.values():
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_extra_mb"] is not None
     assert rows["unfold"]["fwd_speedup"] == 1.0
+
+
+def test_auto_backend_in_a_fresh_process():
+    # "auto" must load what it resolves to, also when it is the process's first call
+    code = (
+        "import torch, sgdc_kernels\n"
+        "x = torch.randn(1, 4, 3, 3)\n"
+        "out = sgdc_kernels.sgdc_conv(x, torch.randn(1, 18, 3, 3), kernel_size=3, num_heads=2)\n"
+        "assert out.shape == x.shape\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
