@@ -6,6 +6,8 @@ on CUDA tensors in float32, float16 and bfloat16, plus K up to 13, torch.compile
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +196,48 @@ def test_gpu_torch_compile_fullgraph_traces_into_kernels(dtype):
     want = torch.autograd.grad(expected.sum(), (x, kernel, gate))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a GPU: the kernels compile for Hopper (Triton's own ptxas), which the interpreter can't show
+# ---------------------------------------------------------------------------------------------
+
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sgdc_kernels.triton_ops import sgdc_conv as m
+
+INTS = ["H", "W", "CG", "G", "sxb", "sxc", "sxp", "skb", "skc", "skp"]
+KERNELS = {  # kernel: its pointer arguments (None: the input dtype) and its constexprs
+    m._sgdc_fwd_kernel: (["x_ptr", "k_ptr", "g_ptr", "out_ptr"], ["K", "HAS_GATE"]),
+    m._sgdc_bwd_taps_kernel: (
+        ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr", "gy_ptr", ("dp_ptr", "fp32"), ("lse_ptr", "fp32")],
+        ["K", "HAS_GATE"],
+    ),
+    m._sgdc_bwd_dx_kernel: (["gy_ptr", "k_ptr", ("lse_ptr", "fp32"), "dx_ptr"], ["K"]),
+}
+for dtype in ("fp32", "bf16"):
+    for kernel, (pointers, const_names) in KERNELS.items():
+        signature = {}
+        for p in pointers:
+            name, ty = p if isinstance(p, tuple) else (p, dtype)
+            signature[name] = "*" + ty
+        signature.update({n: "i32" for n in INTS})
+        consts = {"K": 7, "HAS_GATE": True, "BLOCK_P": 128, "BLOCK_C": 32}
+        consts = {k: v for k, v in consts.items() if k in const_names or k.startswith("BLOCK")}
+        signature.update({n: "constexpr" for n in consts})
+        src = ASTSource(fn=kernel, signature=signature, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert compiled.asm["cubin"], kernel
+        print(kernel.__name__, dtype, "compiled for sm_90")
+"""
+
+
+@pytest.mark.skipif(CUDA_OK, reason="with a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("compiled for sm_90") == 6

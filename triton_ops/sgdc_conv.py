@@ -255,6 +255,13 @@ if AUTOTUNE:
 def _geometry(x: Tensor, kernel: Tensor, num_heads: int) -> tuple:
     """(H, W, Cg, G, sxb, sxc, sxp, skb, skc, skp): the integer arguments shared by all kernels."""
     _, C, H, W = x.shape
+    # Offsets within one batch item are 32-bit (the batch offset is 64-bit).
+    for name, t in (("x", x), ("kernel", kernel)):
+        if t[0].numel() >= 2**31:
+            raise ValueError(
+                f"{name}: the triton backend needs fewer than 2**31 elements per batch item, got "
+                f"{t[0].numel()} (shape {tuple(t.shape)}); use backend='cuda', which indexes in 64 bits"
+            )
 
     def strides(t: Tensor) -> tuple:
         sb, sc, sh, sw = t.stride()
