@@ -41,13 +41,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 ARCH="${TORCH_CUDA_ARCH_LIST:-$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
 export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
-# An editable install (pure Python), then the extension built in place next to the sources.
-run install 120 env SGDC_SKIP_CUDA_BUILD=1 $PY -m pip install --no-build-isolation --no-deps -e .
-run build 240 $PY setup.py build_ext --inplace
-run info 30 $PY -c 'import sgdc_kernels, sgdc_kernels._cuda as c; print(c.build_info()); print(sgdc_kernels.available_backends("cuda"))'
+# A regular install builds sgdc_kernels._C for this GPU and maps triton_ops/ into the package
+# (the device README's recipe). `python -m`/`-c` put the working directory first on sys.path, so
+# what imports the package runs from /tmp, not from the checkout's source tree.
+run install 300 $PY -m pip install --no-build-isolation --no-deps -v .
+run info 30 bash -c "cd /tmp && $PY -m sgdc_kernels.info"
 run memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_case.py
 run racecheck 60 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize_case.py
-run pytest 240 $PY -m pytest tests -q
+run pytest 240 bash -c "cd /tmp && $PY -m pytest $PWD/tests -q"
 run bench 150 $PY bench/run.py --device cuda --out "$OUT/bench.json"
 run bench_cl 60 $PY bench/run.py --device cuda --shapes 8x256x128x128x4x7 --layouts channels_last --no-peer --out "$OUT/bench_channels_last.json"
 run train_step 120 $PY bench/train_step.py --device cuda --out "$OUT/train_step.json"
