@@ -48,7 +48,7 @@ run install 300 $PY -m pip install --no-build-isolation --no-deps -v .
 run info 30 bash -c "cd /tmp && $PY -m sgdc_kernels.info"
 run memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize_case.py
 run racecheck 60 compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize_case.py
-run pytest 240 bash -c "cd /tmp && $PY -m pytest $PWD/tests -q"
+run pytest 300 bash -c "cd /tmp && $PY -m pytest $PWD/tests -q"
 run bench 150 $PY bench/run.py --device cuda --out "$OUT/bench.json"
 run bench_cl 60 $PY bench/run.py --device cuda --shapes 8x256x128x128x4x7 --layouts channels_last --no-peer --out "$OUT/bench_channels_last.json"
 run train_step 120 $PY bench/train_step.py --device cuda --out "$OUT/train_step.json"
