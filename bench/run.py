@@ -156,12 +156,19 @@ def time_case(backend, shape, dtype, layout, device, args) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_status(field: str) -> int:
+def read_proc_status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the peak resident set (VmHWM) to the current one and return the current one (bytes)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return read_proc_status("VmRSS")
 
 
 def measure_cpu_memory_child(backend, shape, dtype_name, layout) -> None:
@@ -174,13 +181,11 @@ def measure_cpu_memory_child(backend, shape, dtype_name, layout) -> None:
     small = (1, shape[1], 2, 2, shape[4], shape[5])
     xs, ks, gs, gos = make_inputs(small, dtype, "cpu", layout, requires_grad=True)
     torch.autograd.grad(make_fn(backend, small)(xs, ks, gs), (xs, ks, gs), gos)
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
-        f.write("5")
-    base = _read_status("VmRSS")
+    base = reset_peak_rss()
     out = fn(x, kernel, gate)
     grads = torch.autograd.grad(out, (x, kernel, gate), grad_out)
     del out, grads
-    print(json.dumps({"peak_extra_mb": (_read_status("VmHWM") - base) / 2**20}))
+    print(json.dumps({"peak_extra_mb": (read_proc_status("VmHWM") - base) / 2**20}))
 
 
 def cpu_peak_memory(backend, shape, dtype_name, layout) -> float | None:

@@ -37,17 +37,33 @@ def _batch(batch_size: int, image_size: int, device: torch.device):
     return images, masks
 
 
-def _median_ms():
-    """bench/run.py's timer (CUDA events on GPU, perf_counter on CPU, median after warm-up)."""
+def _bench_run():
+    """bench/run.py: its timer (CUDA events on GPU, perf_counter on CPU, median after warm-up)
+    and its peak-RSS helpers."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sgdc_bench_run", Path(__file__).with_name("run.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.median_ms
+    return module
 
 
-def _bench_backend(backend: str, cfg: dict, device: torch.device, amp: str, channels_last: bool, images, masks) -> dict:
+def _return_large_blocks_to_the_os() -> None:
+    """glibc keeps freed large blocks for reuse once its mmap threshold adapts, which would hide a
+    later backend's peak behind an earlier one's: fix the threshold (mallopt M_MMAP_THRESHOLD)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+def _bench_backend(
+    backend: str, cfg: dict, device: torch.device, amp: str, channels_last: bool, images, masks, phase: str = "time"
+) -> dict:
+    """phase "time": median step time (and, on a GPU, peak memory); phase "cpu_memory": the growth
+    of the peak resident set over one step, after a warm-up step."""
     from sgdc_kernels.losses import SegEdgeLoss
     from sgdc_kernels.models import SGDNet
     from sgdc_kernels.train import build_optimizer, make_scaler, train_step
@@ -65,11 +81,17 @@ def _bench_backend(backend: str, cfg: dict, device: torch.device, amp: str, chan
         optimizer = build_optimizer(model, 1e-4, 1e-4)
         scaler, loss_fn = make_scaler(device, amp), SegEdgeLoss()
         step = lambda: train_step(model, images, masks, loss_fn, optimizer, scaler, amp)  # noqa: E731
+        bench = _bench_run()
+        step()  # the first step allocates the optimizer state
+        if phase == "cpu_memory":
+            base = bench.reset_peak_rss()
+            step()
+            row.update(status="ok", peak_mem_gb=(bench.read_proc_status("VmHWM") - base) / 1e9)
+            return row
         if device.type == "cuda":
-            step()  # the first step allocates the optimizer state
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        ms = _median_ms()(step, device.type, cfg["warmup"], cfg["iters"], float("inf"))
+        ms = bench.median_ms(step, device.type, cfg["warmup"], cfg["iters"], float("inf"))
         row.update(status="ok", ms_per_step=ms, images_per_s=cfg["batch_size"] * 1e3 / ms, iters=cfg["iters"])
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -98,8 +120,12 @@ def run(
     warmup: Optional[int] = None,
     iters: Optional[int] = None,
 ) -> list[dict]:
-    """One row per backend: ms_per_step (median), images_per_s, peak_mem_gb (GPU), speedup and
-    memory_ratio against unfold (unfold's time or peak over this backend's), status ok/oom/error."""
+    """One row per backend: ms_per_step (median), images_per_s, peak_mem_gb, speedup and
+    memory_ratio against unfold (unfold's time or peak over this backend's), status ok/oom/error.
+
+    peak_mem_gb: on a GPU, torch.cuda.max_memory_allocated over the timed steps (model, optimizer
+    state and activations); on the CPU, the growth of the peak resident set over one step
+    (activations and temporaries; the model and optimizer state were allocated before)."""
     from sgdc_kernels import available_backends
 
     if device is None:
@@ -115,6 +141,12 @@ def run(
     backends = ["unfold"] + [b for b in backends if b != "unfold"]
     images, masks = _batch(cfg["batch_size"], cfg["image_size"], dev)
     rows = [_bench_backend(b, cfg, dev, amp, channels_last, images, masks) for b in backends]
+    if dev.type == "cpu":  # memory after all the timings: the allocator setting below slows steps
+        _return_large_blocks_to_the_os()
+        for row in rows:
+            if row["status"] == "ok":
+                mem = _bench_backend(row["backend"], cfg, dev, amp, channels_last, images, masks, "cpu_memory")
+                row["peak_mem_gb"] = mem.get("peak_mem_gb")
     base = rows[0]
     for row in rows:
         if row["status"] == "ok" and base["status"] == "ok":
