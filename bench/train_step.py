@@ -151,7 +151,7 @@ def run(
     for row in rows:
         if row["status"] == "ok" and base["status"] == "ok":
             row["speedup_vs_unfold"] = base["ms_per_step"] / row["ms_per_step"]
-            if "peak_mem_gb" in row:
+            if row.get("peak_mem_gb") and base.get("peak_mem_gb"):  # a tiny CPU case may grow by 0
                 row["memory_ratio_vs_unfold"] = base["peak_mem_gb"] / row["peak_mem_gb"]
     return rows
 

@@ -101,5 +101,5 @@ def test_train_step_benchmark_runs_on_cpu():
     assert [r["backend"] for r in rows] == ["unfold", "torch"]
     assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows)
     assert rows[1]["speedup_vs_unfold"] > 0
-    assert all(r["peak_mem_gb"] >= 0 for r in rows)  # peak RSS growth over one step on the CPU
+    assert all(r["peak_mem_gb"] >= 0 for r in rows)  # peak RSS growth over one step on the CPU (may be 0)
     assert "unfold" in bench.format_table(rows)
