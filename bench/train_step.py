@@ -146,7 +146,8 @@ def run(
         for row in rows:
             if row["status"] == "ok":
                 mem = _bench_backend(row["backend"], cfg, dev, amp, channels_last, images, masks, "cpu_memory")
-                row["peak_mem_gb"] = mem.get("peak_mem_gb")
+                if "peak_mem_gb" in mem:
+                    row["peak_mem_gb"] = mem["peak_mem_gb"]
     base = rows[0]
     for row in rows:
         if row["status"] == "ok" and base["status"] == "ok":
