@@ -71,9 +71,23 @@ def backend_fn(backend: str, kernel_size: int, num_heads: int) -> Callable:
     return lambda x, k, g: sgdc_conv(x, k, g, kernel_size=kernel_size, num_heads=num_heads, backend=backend)
 
 
-def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
+# `unfold` computes in the input's dtype, softmax and einsum included (as the authors' code does
+# under autocast), so in 16 bits it rounds every intermediate and gets looser bounds.
+NATIVE_PRECISION_TOLERANCES = {
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=8e-2, rtol=8e-2),
+}
+
+
+def tolerances(backend: str, dtype: torch.dtype) -> dict:
+    if backend == "unfold" and dtype in NATIVE_PRECISION_TOLERANCES:
+        return NATIVE_PRECISION_TOLERANCES[dtype]
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "", tol: Optional[dict] = None) -> None:
     torch.testing.assert_close(
-        actual.double(), expected.double(), **TOLERANCES[dtype], msg=lambda m: f"{what}: {m}" if what else m
+        actual.double(), expected.double(), **(tol or TOLERANCES[dtype]), msg=lambda m: f"{what}: {m}" if what else m
     )
 
 
@@ -88,14 +102,15 @@ def check_tensors(backend: str, tensors, kernel_size: int, num_heads: int) -> No
     out, grads = forward_backward(backend_fn(backend, kernel_size, num_heads), tensors, grad_out)
     ref_out, ref_grads = forward_backward(oracle(kernel_size, num_heads), tensors, grad_out.double())
     assert out.dtype == dtype and out.shape == x.shape
-    assert_close(out, ref_out, dtype, "out")
+    tol = tolerances(backend, dtype)
+    assert_close(out, ref_out, dtype, "out", tol)
     fmt = memory_format_of(x)
     present = [t for t in tensors if t is not None]
     for name, got, want, inp in zip(("d_x", "d_kernel", "d_gate"), grads, ref_grads, present):
         assert got.dtype == dtype, name
         if check_strides:
             assert got.stride() == torch.empty_like(inp.contiguous(memory_format=fmt)).stride(), name
-        assert_close(got, want, dtype, name)
+        assert_close(got, want, dtype, name, tol)
     assert out.stride() == torch.empty_like(x.contiguous(memory_format=fmt)).stride(), "out"
 
 
