@@ -14,6 +14,7 @@ From Python: ``run(device="cpu") -> list[dict]`` (one row per backend).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sys
@@ -37,6 +38,7 @@ def _batch(batch_size: int, image_size: int, device: torch.device):
     return images, masks
 
 
+@functools.lru_cache(maxsize=None)
 def _bench_run():
     """bench/run.py: its timer (CUDA events on GPU, perf_counter on CPU, median after warm-up)
     and its peak-RSS helpers."""

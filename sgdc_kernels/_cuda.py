@@ -34,7 +34,6 @@ def _register() -> None:
 def _import_extension():
     from . import _C  # registers the sgdc::cuda_* operators, then calls _register()
 
-    _register()  # a no-op after the import did it; kept for a _C loaded by other means
     return _C
 
 

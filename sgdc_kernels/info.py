@@ -21,8 +21,7 @@ def _version(dist: str) -> str:
 def _extension_info() -> str:
     from . import _cuda
 
-    build_info = getattr(_cuda, "build_info", None)
-    info = build_info() if build_info is not None else None
+    info = _cuda.build_info()
     if not info:
         return "not built"
     return ", ".join(f"{k}: {' '.join(v) if isinstance(v, (list, tuple)) else v}" for k, v in info.items())

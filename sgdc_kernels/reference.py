@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .backends import memory_format_of
+
 Tensor = torch.Tensor
 
 
@@ -42,13 +44,7 @@ def unfold_forward(
     out = torch.einsum("bgctn,bgtn->bgcn", cols, probs).reshape(B, C, H, W)
     if gate is not None:
         out = out * torch.sigmoid(gate)
-    return out.contiguous(memory_format=_memory_format(x))
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return out.contiguous(memory_format=memory_format_of(x))
 
 
 def _taps(kernel_size: int):
@@ -79,7 +75,7 @@ def shift_forward(
     y = y.reshape(B, C, H, W)
     if gate is not None:
         y = y * torch.sigmoid(gate.to(y.dtype))
-    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 def shift_backward(
@@ -119,7 +115,7 @@ def shift_backward(
     probs = probs.squeeze(2)
     dkernel = probs * (dprobs - (probs * dprobs).sum(dim=2, keepdim=True))
     dx = dxpad[..., r : r + H, r : r + W].reshape(B, C, H, W)
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     dx = dx.to(x.dtype).contiguous(memory_format=fmt)
     dkernel = dkernel.reshape(kernel.shape).to(kernel.dtype).contiguous(memory_format=fmt)
     dgate = None

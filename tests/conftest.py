@@ -20,8 +20,6 @@ if not _has_nvidia_gpu() and os.environ.get("SGDC_NO_TRITON_INTERPRET") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 @pytest.fixture(autouse=True)
 def _seed():
