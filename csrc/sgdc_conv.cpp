@@ -6,6 +6,7 @@ namespace sgdc {
 namespace cuda_impl {
 const char* compiled_arch_list();  // defined in cuda/sgdc_forward_kernel.cu
 int compiled_cuda_version();
+const char* compiled_variant_list();  // kernel variants, the default first
 }  // namespace cuda_impl
 }  // namespace sgdc
 
@@ -45,7 +46,8 @@ extern "C" PyObject* PyInit__C(void) {
 #endif
   if (PyModule_AddStringConstant(module, "CUDA_ARCH_LIST", sgdc::cuda_impl::compiled_arch_list()) ||
       PyModule_AddStringConstant(module, "CUDA_VERSION", cuda_str.c_str()) ||
-      PyModule_AddStringConstant(module, "TORCH_VERSION", torch_version)) {
+      PyModule_AddStringConstant(module, "TORCH_VERSION", torch_version) ||
+      PyModule_AddStringConstant(module, "VARIANTS", sgdc::cuda_impl::compiled_variant_list())) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -1,10 +1,12 @@
 // CUDA implementation of sgdc::cuda_backward (schema in csrc/sgdc_conv.cpp): two gather passes,
-// kGradWeights (dkernel, dgate and the softmax statistics) then kGradInput (dx).
+// the weight gradients (dkernel, dgate and the softmax statistics) then dx.
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <tuple>
 
-#include "sgdc_conv_kernel.cuh"
+#include "aten_utils.cuh"
 
 namespace sgdc {
 namespace {
@@ -25,28 +27,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_backward(
   at::Tensor dkernel = at::empty_like(kernel);
   at::Tensor dgate = gate.has_value() ? at::empty_like(*gate) : at::empty({0}, x.options());
   if (x.numel() == 0) return {dx, dkernel, dgate};
+  const Shape shape = shape_of(x, kernel_size, num_heads);
+  const Variant variant = current_variant();
   // Softmax statistics (max, 1/sum) per (b, head, pixel): 8 bytes per pixel and head.
-  at::Tensor stats =
-      at::empty({x.size(0), num_heads, x.size(2), x.size(3), 2}, x.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({static_cast<int64_t>(backward_workspace_bytes(shape))},
+                               x.options().dtype(at::kByte));
   dispatch(x.scalar_type(), cl, [&](auto tag, auto layout) {
     using T = decltype(tag);
-    constexpr bool CL = decltype(layout)::value;
-    Params<T> p = make_params<T>(x, kernel_size, num_heads);
-    p.logits = ptr<T>(kernel);
-    p.gate = gate.has_value() ? ptr<T>(*gate) : nullptr;
-    p.stats = reinterpret_cast<float2*>(stats.mutable_data_ptr());
-
-    Params<T> pw = p;
-    pw.src = ptr<T>(x);
-    pw.grad_out = ptr<T>(grad_out);
-    pw.out = gate.has_value() ? mut_ptr<T>(dgate) : nullptr;
-    pw.dkernel = mut_ptr<T>(dkernel);
-    launch<Mode::kGradWeights, T, CL>(pw);
-
-    Params<T> pi = p;
-    pi.src = ptr<T>(grad_out);
-    pi.out = mut_ptr<T>(dx);
-    launch<Mode::kGradInput, T, CL>(pi);
+    run_backward<T, decltype(layout)::value>(
+        variant, shape, ptr<T>(grad_out), ptr<T>(x), ptr<T>(kernel),
+        gate.has_value() ? ptr<T>(*gate) : nullptr, mut_ptr<T>(dx), mut_ptr<T>(dkernel),
+        gate.has_value() ? mut_ptr<T>(dgate) : nullptr,
+        reinterpret_cast<float2*>(stats.mutable_data_ptr()), c10::cuda::getCurrentCUDAStream());
   });
   return {dx, dkernel, dgate};
 }

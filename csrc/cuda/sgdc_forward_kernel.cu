@@ -1,7 +1,8 @@
 // CUDA implementation of sgdc::cuda_forward (schema in csrc/sgdc_conv.cpp).
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "sgdc_conv_kernel.cuh"
+#include "aten_utils.cuh"
 
 namespace sgdc {
 namespace {
@@ -15,14 +16,12 @@ at::Tensor cuda_forward(const at::Tensor& x, const at::Tensor& kernel,
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (out.numel() == 0) return out;
+  const Variant variant = current_variant();
   dispatch(x.scalar_type(), cl, [&](auto tag, auto layout) {
     using T = decltype(tag);
-    Params<T> p = make_params<T>(x, kernel_size, num_heads);
-    p.src = ptr<T>(x);
-    p.logits = ptr<T>(kernel);
-    p.gate = gate.has_value() ? ptr<T>(*gate) : nullptr;
-    p.out = mut_ptr<T>(out);
-    launch<Mode::kForward, T, decltype(layout)::value>(p);
+    run_forward<T, decltype(layout)::value>(variant, shape_of(x, kernel_size, num_heads), ptr<T>(x),
+                                            ptr<T>(kernel), gate.has_value() ? ptr<T>(*gate) : nullptr,
+                                            mut_ptr<T>(out), c10::cuda::getCurrentCUDAStream());
   });
   return out;
 }
@@ -47,5 +46,6 @@ const char* compiled_arch_list() {
 #endif
 }
 int compiled_cuda_version() { return CUDART_VERSION; }
+const char* compiled_variant_list() { return variant_list(); }
 }  // namespace cuda_impl
 }  // namespace sgdc

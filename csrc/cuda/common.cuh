@@ -1,0 +1,183 @@
+// Pieces shared by every variant of the sgdc_conv kernels (docs/op.md defines the op).
+//
+// The kernel headers (common.cuh, window_v1.cuh, window_v2.cuh, kernels.cuh) depend on no ATen
+// header and on CUDA only through the runtime API, so tests/cuda_emu/ compiles them unchanged for
+// the host: it defines SGDC_HOST_EMULATION and provides the runtime functions, the builtin
+// variables, `__syncthreads`, `dynamic_smem` (poisoned, guard-paged shared memory) and `GlobalOut`
+// (a pointer that counts stores). Everything below the #ifndef is the real GPU build.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+
+#ifndef SGDC_HOST_EMULATION
+#include <c10/cuda/CUDAException.h>
+#define SGDC_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
+#endif
+
+namespace sgdc {
+namespace cuda_impl {
+
+#ifndef SGDC_HOST_EMULATION
+// The block's dynamic shared memory.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char sgdc_dynamic_smem[];
+  return reinterpret_cast<T*>(sgdc_dynamic_smem);
+}
+// A pointer to an output in global memory: kernels only index it (p.out[i] = v).
+template <typename T>
+using GlobalOut = T*;
+#endif
+
+enum class Mode { kForward, kGradWeights, kGradInput };
+
+// Offset of element (b, c, i, j) of a dense (B, C, H, W) tensor, NCHW or channels_last (NHWC).
+template <bool CL>
+struct Dense4 {
+  int64_t C;
+  int H, W;
+  __device__ __forceinline__ int64_t operator()(int64_t b, int64_t c, int i, int j) const {
+    return CL ? ((b * H + i) * W + j) * C + c : ((b * C + c) * H + i) * W + j;
+  }
+};
+
+template <typename T>
+struct Params {
+  const T* src;         // kForward, kGradWeights: x;  kGradInput: grad_out
+  const T* logits;      // kernel
+  const T* gate;        // nullptr without gate
+  const T* grad_out;    // kGradWeights
+  GlobalOut<T> out;     // kForward: out;  kGradInput: dx;  kGradWeights: dgate (nullptr without gate)
+  GlobalOut<T> dkernel;  // kGradWeights
+  GlobalOut<float2> stats;  // (max, 1/sum) per (b, g, i, j): written by kGradWeights, read by kGradInput
+  int64_t B, C;
+  int H, W, G, K, Cg;
+  int tiles_w, tiles;  // tiles along W, tiles per (b, g)
+};
+
+// The K*K per-pixel tap values of one thread: registers for a compile-time K, else a strided
+// column of shared memory.
+template <int KT>
+struct Taps {
+  float v[KT * KT];
+  __device__ __forceinline__ void init(float*, int, int) {}
+  __device__ __forceinline__ float& operator[](int t) { return v[t]; }
+};
+template <>
+struct Taps<0> {
+  float* p;
+  int stride;
+  __device__ __forceinline__ void init(float* base, int tid, int nthreads) {
+    p = base + tid;
+    stride = nthreads;
+  }
+  __device__ __forceinline__ float& operator[](int t) { return p[t * stride]; }
+};
+
+__device__ __forceinline__ float sigmoidf(float z) { return 1.f / (1.f + __expf(-z)); }
+
+// P[t] = softmax over the K*K logits of pixel (i, j) of head g; returns (max, 1/sum).
+template <int KT, typename T, bool CL, typename TapsT>
+__device__ __forceinline__ float2 softmax_taps(TapsT& P, const Params<T>& p, const Dense4<CL>& ki,
+                                               int64_t b, int64_t kc0, int K, int i, int j) {
+  const int KK = K * K;
+  float mx = -INFINITY;
+#pragma unroll
+  for (int t = 0; t < KK; ++t) {
+    const float l = static_cast<float>(p.logits[ki(b, kc0 + t, i, j)]);
+    P[t] = l;
+    mx = fmaxf(mx, l);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int t = 0; t < KK; ++t) {
+    const float e = __expf(P[t] - mx);
+    P[t] = e;
+    sum += e;
+  }
+  const float inv = 1.f / sum;
+#pragma unroll
+  for (int t = 0; t < KK; ++t) P[t] *= inv;  // kGradInput rebuilds exactly this from (mx, inv)
+  return make_float2(mx, inv);
+}
+
+// kGradInput's weights for pixel q = (i, j): flipped tap tf = KK-1-t reads the tile like the
+// forward does; its weight is the softmax of tap t at the pixel q - off_t whose window covers q,
+// rebuilt from that pixel's logit and statistics (0 where that pixel is outside the image).
+template <int KT, typename T, bool CL, typename TapsT>
+__device__ __forceinline__ void flipped_taps(TapsT& P, const Params<T>& p, const Dense4<CL>& ki,
+                                             int64_t b, int64_t kc0, int64_t sbase, int K, int i, int j) {
+  const int KK = K * K, r = K / 2;
+#pragma unroll
+  for (int tf = 0; tf < KK; ++tf) {
+    const int t = KK - 1 - tf, u = t / K, v = t % K;
+    const int ii = i - u + r, jj = j - v + r;
+    float w = 0.f;
+    if (ii >= 0 && ii < p.H && jj >= 0 && jj < p.W) {
+      const float2 st = p.stats[sbase + static_cast<int64_t>(ii) * p.W + jj];
+      w = __expf(static_cast<float>(p.logits[ki(b, kc0 + t, ii, jj)]) - st.x) * st.y;
+    }
+    P[tf] = w;
+  }
+}
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The block's place: tile_id within its (b, g), and b, g.
+struct BlockPlace {
+  int tile_id, g;
+  int64_t b;
+};
+template <typename T>
+__device__ __forceinline__ BlockPlace block_place(const Params<T>& p) {
+  const int64_t blk = blockIdx.x;
+  const int64_t bg = blk / p.tiles;
+  return {static_cast<int>(blk % p.tiles), static_cast<int>(bg % p.G), bg / p.G};
+}
+
+// Fills the tiling fields of p for TH x TW tiles and returns the number of blocks (one per tile
+// and (b, g)); raises when the grid would not fit one launch.
+template <typename T>
+int64_t set_tiles(Params<T>& p, int TH, int TW) {
+  p.tiles_w = ceil_div(p.W, TW);
+  const int64_t tiles = static_cast<int64_t>(ceil_div(p.H, TH)) * p.tiles_w;
+  const int64_t blocks = p.B * p.G * tiles;
+  TORCH_CHECK(tiles <= INT_MAX && blocks <= INT_MAX,
+              "sgdc::cuda: the input is too large for one launch (", blocks, " blocks)");
+  p.tiles = static_cast<int>(tiles);
+  return blocks;
+}
+
+// Launches kernel<<<blocks, threads, smem, stream>>>(p), opting in to more than 48 KB of dynamic
+// shared memory when it needs it, and checks the launch.
+template <typename P>
+void launch_kernel(void (*kernel)(P), int64_t blocks, int threads, size_t smem, cudaStream_t stream,
+                   const P& p, int K) {
+  if (smem > 48 * 1024) {
+    int device = 0, optin_int = 0;
+    SGDC_CUDA_CHECK(cudaGetDevice(&device));
+    SGDC_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin_int, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    const size_t optin = static_cast<size_t>(optin_int);
+    TORCH_CHECK(smem <= optin, "sgdc::cuda: kernel_size=", K, " needs ", smem,
+                " bytes of shared memory per block, more than this GPU allows (", optin,
+                "); use a smaller kernel_size or backend='torch'");
+    SGDC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem)));
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  SGDC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+}
+
+}  // namespace cuda_impl
+}  // namespace sgdc

@@ -1,0 +1,208 @@
+"""The CUDA kernels of csrc/ run on the CPU: every variant, forward and both backward passes,
+against the float64 oracle, through the same launch code as the GPU build.
+
+tests/cuda_emu/harness.cpp includes csrc/cuda/kernels.cuh unchanged, compiled for the host with
+the system C++ compiler against tests/cuda_emu/cuda_emu.h, an emulation of the CUDA subset the
+kernels use: every GPU thread a fiber, real block-wide barriers that report divergence,
+NaN-poisoned shared memory of exactly the launch's size, guard pages around every buffer, store
+counting, the runtime's launch checks (48 KB dynamic shared memory unless opted in) and three
+thread orders per block whose results must be bitwise equal. See the README's Tests section for
+what this cannot show (timing, the memory model of a real GPU, warp scheduling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from sgdc_kernels.testing import forward_backward, make_inputs, oracle
+
+ROOT = Path(__file__).resolve().parent.parent
+EMU = Path(__file__).resolve().parent / "cuda_emu"
+CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# unit roundoff of each output dtype: the output's own rounding
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+FP32_EPS = 2.0**-24
+
+
+def _variants() -> list[str]:
+    """The variants kernels.cuh defines (kVariantNames), read from the source itself."""
+    import re
+
+    text = (ROOT / "csrc" / "cuda" / "kernels.cuh").read_text()
+    m = re.search(r"kVariantNames\[\]\s*=\s*\{([^}]*)\}", text)
+    assert m, "kernels.cuh no longer defines kVariantNames: update this test"
+    return re.findall(r'"(\w+)"', m.group(1))
+
+
+VARIANTS = _variants()
+
+
+def _compiler_and_headers() -> tuple[str, list[str], str]:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++) on PATH: cannot build the CUDA emulation")
+    from torch.utils import cpp_extension
+
+    includes = cpp_extension.include_paths()
+    if not any((Path(p) / "c10" / "util" / "Half.h").exists() for p in includes):
+        pytest.skip("torch's C++ headers (c10/util/Half.h) are not installed: cannot build the CUDA emulation")
+    return cxx, includes, str(Path(torch.__file__).parent / "lib")
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory) -> Path:
+    """The harness binary, built once per source state (cached by a hash of every input)."""
+    cxx, includes, libdir = _compiler_and_headers()
+    sources = [EMU / "harness.cpp", EMU / "cuda_emu.h", *CUDA_SOURCES]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + cxx.encode() + torch.__version__.encode())
+    cache = Path(os.environ.get("SGDC_EMU_CACHE", Path.home() / ".cache" / "sgdc_kernels"))
+    exe = cache / f"cuda_emu_{digest.hexdigest()[:16]}"
+    if not exe.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(".tmp")
+        cmd = [cxx, "-std=c++17", "-O1", "-g0", "-Wno-unknown-pragmas", f"-I{EMU}", f"-I{ROOT / 'csrc'}",
+               *(f"-I{p}" for p in includes), str(EMU / "harness.cpp"), "-o", str(tmp),
+               f"-L{libdir}", "-lc10", f"-Wl,-rpath,{libdir}"]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, "the kernels do not compile for the host emulation:\n" + res.stderr[-6000:]
+        tmp.rename(exe)
+    return exe
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """The bytes of t in its memory order (NCHW, or NHWC for channels_last)."""
+    if not t.is_contiguous():
+        t = t.permute(0, 2, 3, 1)
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _from_raw(data: bytes, like: torch.Tensor) -> torch.Tensor:
+    flat = torch.frombuffer(bytearray(data), dtype=like.dtype)
+    if like.is_contiguous():
+        return flat.view(like.shape)
+    B, C, H, W = like.shape
+    return flat.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def _tolerance(ref: torch.Tensor, dtype: torch.dtype, extra: float) -> torch.Tensor:
+    """|got - ref| allowed per element: the output's own rounding (unit roundoff of its dtype times
+    |ref|, or half its smallest subnormal where the value underflows, and fp32 intermediates that
+    underflow: 64 fp32 subnormal steps) plus fp32 accumulation errors, bounded by `extra` * eps32
+    * max|ref| of the tensor."""
+    info = torch.finfo(dtype)
+    underflow = info.tiny * info.eps / 2 + 64 * 2.0**-149
+    return UNIT_ROUNDOFF[dtype] * ref.abs() + underflow + extra * FP32_EPS * ref.abs().max()
+
+
+class Cases:
+    """Writes cases for the harness, runs it once, and checks each result against the oracle."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.cases = {}
+
+    def add(self, shape, dtype: str, layout: str, gate: bool, variant: str, scale: float = 30.0) -> None:
+        B, C, H, W, G, K = shape
+        cid = f"c{len(self.cases)}"
+        fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+        x, k, g = make_inputs(shape, DTYPES[dtype], "cpu", gate=gate, memory_format=fmt, scale=scale)
+        dout = torch.randn(x.shape).to(x.dtype).contiguous(memory_format=fmt)
+        for suffix, t in (("x", x), ("k", k), ("g", g), ("dout", dout)):
+            if t is not None:
+                (self.dir / f"{cid}.{suffix}").write_bytes(_raw(t))
+        line = f"{cid} {dtype} {layout} {B} {C} {H} {W} {G} {K} {int(gate)} {variant}"
+        self.cases[cid] = (line, (x, k, g), dout, K, G)
+
+    def run(self, harness: Path) -> None:
+        (self.dir / "cases.txt").write_text("\n".join(c[0] for c in self.cases.values()) + "\n")
+        res = subprocess.run([str(harness), str(self.dir)], capture_output=True, text=True, timeout=600)
+        started = [ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("start ")]
+        failures = [ln for ln in res.stdout.splitlines() if ln.startswith("FAIL ")]
+        if res.returncode not in (0, 1) or failures:
+            last = self.cases[started[-1]][0] if started else "(none)"
+            raise AssertionError(
+                f"the emulated kernels failed (exit {res.returncode}); last case started: {last}\n"
+                + "\n".join(failures[:20])
+                + "\n"
+                + res.stderr[-3000:]
+            )
+        for cid, (line, tensors, dout, K, G) in self.cases.items():
+            self._check(cid, line, tensors, dout, K, G)
+
+    def _check(self, cid, line, tensors, dout, K, G) -> None:
+        x, k, g = tensors
+        exact = [t.double() if t is not None else None for t in tensors]  # gradients in float64 too
+        ref_out, ref_grads = forward_backward(oracle(K, G), exact, dout.double())
+        names = [("out", x, ref_out), ("dx", x, ref_grads[0]), ("dk", k, ref_grads[1])]
+        if g is not None:
+            names.append(("dg", g, ref_grads[2]))
+        for suffix, like, ref in names:
+            got = _from_raw((self.dir / f"{cid}.{suffix}").read_bytes(), like).double()
+            assert not got.isnan().any(), f"{line}: {suffix} has NaN (an element no thread wrote?)"
+            # fp32 sums of K*K taps (out, dx) and of Cg channels (dP, inside dkernel and dgate)
+            extra = 64.0 * (K * K + x.shape[1] // G)
+            err = (got - ref).abs()
+            tol = _tolerance(ref, like.dtype, extra)
+            if (err > tol).any():
+                worst = int((err - tol).argmax())
+                raise AssertionError(
+                    f"{line}: {suffix} differs from the float64 oracle at flat index {worst}: "
+                    f"got {got.view(-1)[worst]:.8g}, expected {ref.reshape(-1)[worst]:.8g} "
+                    f"(tolerance {tol.reshape(-1)[worst]:.3g})"
+                )
+
+
+# (B, C, H, W, heads, K): H and W below K and not multiples of any tile, channels per head that
+# are not multiples of any chunk (1, 3, 5, 17), several tiles both ways, 1x1 images.
+def _shapes(K: int) -> list[tuple]:
+    return [
+        (2, 6, 5, 7, 2, K),  # Cg 3, image around K
+        (1, 17, 9, 37, 1, K),  # one head of 17 channels, two tiles along W
+        (1, 20, 19, 11, 4, K),  # four heads of 5 channels, two tiles along H
+        (1, 9, 3, 2, 3, K),  # H, W < K for K > 3
+        (1, 2, 1, 1, 2, K),  # 1x1 image, heads of one channel
+    ]
+
+
+KS = [1, 3, 5, 7, 9, 13]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_kernels_match_float64_oracle(harness, tmp_path, variant, dtype):
+    """Every K, both layouts, gate or not, logits scaled by 30, on shapes with ragged tiles."""
+    cases = Cases(tmp_path)
+    for K in KS:
+        for n, shape in enumerate(_shapes(K)):
+            for layout in ("nchw", "nhwc"):
+                gate = (n + (layout == "nhwc")) % 2 == 0  # both gate settings on every shape
+                cases.add(shape, dtype, layout, gate, variant)
+    cases.run(harness)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_large_shared_memory_and_many_blocks(harness, tmp_path, variant):
+    """Launches over 48 KB of dynamic shared memory (channels_last 16-bit chunks, K = 9 and 13),
+    many blocks, and a paper-like head (64 channels, K = 7) in every dtype."""
+    cases = Cases(tmp_path)
+    for dtype in DTYPES:
+        cases.add((1, 128, 18, 40, 2, 7), dtype, "nhwc", True, variant, scale=4.0)
+        cases.add((1, 128, 18, 40, 2, 7), dtype, "nchw", False, variant, scale=4.0)
+    cases.add((2, 32, 9, 20, 2, 13), "bf16", "nhwc", True, variant)
+    cases.add((1, 24, 6, 17, 1, 9), "f32", "nchw", True, variant)
+    cases.run(harness)
+
+
+def test_unknown_variant_is_a_clear_error(harness, tmp_path):
+    cases = Cases(tmp_path)
+    cases.add((1, 2, 3, 3, 1, 3), "f32", "nchw", False, "nonesuch")
+    with pytest.raises(AssertionError, match="SGDC_CUDA_VARIANT=nonesuch is not a kernel variant"):
+        cases.run(harness)
