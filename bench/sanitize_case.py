@@ -1,11 +1,13 @@
 """A small forward+backward of the `cuda` backend for compute-sanitizer (memcheck, racecheck).
 
-Covers both layouts, gate and no gate, a specialised K (3) and the generic one (9), borders,
-a channel count that is not a multiple of the shared-memory chunk, and a partial tile.
+Covers every kernel variant (SGDC_CUDA_VARIANT), both layouts, gate and no gate, a specialised
+K (3, 7) and the generic one (9), borders, a channel count that is not a multiple of the
+shared-memory chunk, partial tiles, and a launch over 48 KB of shared memory (channels_last bf16).
 
     compute-sanitizer --tool memcheck python bench/sanitize_case.py
 """
 
+import os
 import sys
 
 import torch
@@ -23,19 +25,29 @@ def main() -> int:
         (1, 12, 9, 37, 2, 3, True, False, torch.bfloat16),
         (1, 6, 5, 11, 3, 9, True, True, torch.float16),
         (1, 6, 5, 11, 3, 9, False, False, torch.float32),
+        (1, 40, 11, 35, 2, 7, True, True, torch.bfloat16),
     ]
-    for B, C, H, W, G, K, cl, gated, dtype in cases:
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        make = lambda c: torch.randn(B, c, H, W, device="cuda", dtype=dtype).contiguous(  # noqa: E731
-            memory_format=fmt
-        ).requires_grad_()
-        x, k = make(C), make(G * K * K)
-        g = make(C) if gated else None
-        out = sgdc_conv(x, k, g, kernel_size=K, num_heads=G, backend="cuda")
-        out.backward(torch.randn_like(out))
-        torch.cuda.synchronize()
-        print(f"ok B={B} C={C} H={H} W={W} G={G} K={K} channels_last={cl} gate={gated} {dtype}")
+    from sgdc_kernels._C import VARIANTS
+
+    for variant in VARIANTS.split(","):
+        os.environ["SGDC_CUDA_VARIANT"] = variant
+        for case in cases:
+            run(variant, *case)
     return 0
+
+
+def run(variant, B, C, H, W, G, K, cl, gated, dtype):
+    fmt = torch.channels_last if cl else torch.contiguous_format
+
+    def make(channels):
+        return torch.randn(B, channels, H, W, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+
+    x, k = make(C), make(G * K * K)
+    g = make(C) if gated else None
+    out = sgdc_conv(x, k, g, kernel_size=K, num_heads=G, backend="cuda")
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    print(f"ok {variant} B={B} C={C} H={H} W={W} G={G} K={K} channels_last={cl} gate={gated} {dtype}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,24 @@ def _extension():
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+
+def _variants() -> list[str]:
+    try:
+        return importlib.import_module("sgdc_kernels._C").VARIANTS.split(",")
+    except ImportError:
+        return ["default"]  # the GPU tests skip without the extension anyway
+
+
+VARIANTS = _variants()
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    """Each GPU test runs once per kernel variant (SGDC_CUDA_VARIANT, read by every call)."""
+    if request.param != "default":
+        monkeypatch.setenv("SGDC_CUDA_VARIANT", request.param)
+    return request.param
+
 # ---------------------------------------------------------------------------------------------
 # Without a GPU: registration, schemas, fakes, autograd wiring, availability.
 # ---------------------------------------------------------------------------------------------
@@ -154,18 +172,26 @@ def _inputs(shape, dtype, channels_last, gate, device="cuda"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
-def test_matches_float64_reference(shape, dtype, channels_last, gate):
+def test_matches_float64_reference(shape, dtype, channels_last, gate, variant):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     check_backend("cuda", shape, dtype, "cuda", gate=gate, memory_format=fmt)
 
 
 @requires_gpu
-def test_empty_batch():
+def test_empty_batch(variant):
     x, k, g = _inputs((0, 8, 5, 5, 2, 3), torch.float32, False, True)
     out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
     assert out.shape == x.shape
     dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2)
     assert dx.shape == x.shape and dk.shape == k.shape and dg.shape == g.shape
+
+
+@requires_gpu
+def test_unknown_variant_is_a_clear_error(monkeypatch):
+    x, k, g = _inputs((1, 8, 5, 5, 2, 3), torch.float32, False, True)
+    monkeypatch.setenv("SGDC_CUDA_VARIANT", "nonesuch")
+    with pytest.raises(RuntimeError, match="SGDC_CUDA_VARIANT=nonesuch is not a kernel variant"):
+        torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
 
 
 @requires_gpu
@@ -182,7 +208,7 @@ def test_operator_checks_its_inputs():
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("K", [7, 9])
-def test_backward_is_deterministic(dtype, K):
+def test_backward_is_deterministic(dtype, K, variant):
     x, k, g = _inputs((2, 64, 32, 48, 4, K), dtype, True, True)
     dout = torch.randn_like(x)
     first = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4)
@@ -194,7 +220,7 @@ def test_backward_is_deterministic(dtype, K):
 
 @requires_gpu
 @pytest.mark.parametrize("channels_last,gate", [(False, True), (True, False)])
-def test_opcheck(channels_last, gate):
+def test_opcheck(channels_last, gate, variant):
     x, k, g = _inputs((2, 8, 6, 7, 2, 3), torch.float32, channels_last, gate)
     args = (x.requires_grad_(), k.requires_grad_(), g.requires_grad_() if gate else None, 3, 2)
     torch.library.opcheck(torch.ops.sgdc.cuda_forward.default, args)
@@ -203,7 +229,7 @@ def test_opcheck(channels_last, gate):
 
 
 @requires_gpu
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(variant):
     x, k, g = _inputs((2, 16, 12, 12, 4, 5), torch.float32, False, True)
 
     def step(x, k, g):
@@ -219,7 +245,7 @@ def test_torch_compile_fullgraph():
 
 @requires_gpu
 @pytest.mark.slow
-def test_tensor_over_2_31_elements():
+def test_tensor_over_2_31_elements(variant):
     """x and kernel with more than 2**31 elements (fp16, ~25 GB in all): outputs and gradients at
     the two corners, where offsets are smallest and largest, match the oracle run on crops."""
     B, C, H, W, G, K = 1, 8, 16400, 16400, 1, 3
