@@ -11,12 +11,15 @@
 //   and the results leave through the same staging tile in the layout's memory order, so
 //   channels_last stores are whole sectors.
 // - grad_weights_v2: g_y = dout * sigmoid(gate) and sigmoid(gate) of the chunk are loaded into
-//   shared memory with its x halo (v1 waited on gate -> sigmoid -> dout per channel), dgate
-//   leaves through the staging tile, and 3 blocks of 128 threads fit an SM (v1: 1 block of 256).
+//   shared memory with its x halo (v1 waited on gate -> sigmoid -> dout per channel); dgate
+//   and dkernel leave through staging tiles in the layout's memory order; 3 blocks of 128
+//   threads fit an SM (v1: one block of 256).
 //
 // Passes (docs/op.md): kForward out = s * sum_t P[t] x[p+off_t]; grad_weights dP, dkernel, dgate
 // and the softmax statistics; kGradInput dx[q] = sum_t P[t, q-off_t] g_y[q-off_t].
 #pragma once
+
+#include <algorithm>
 
 #include "common.cuh"
 
@@ -83,15 +86,17 @@ __device__ __forceinline__ void fill(float* tile, int cstride, int rows, int col
   }
 }
 
-// Writes stage[c * TH*TW + pix] of a TH x TW tile at (i0, j0) to out, for channels c < cn and
-// pixels in the image, in the layout's memory order.
-template <int CH, int TH, int TW, bool CL, int NT, typename T>
-__device__ __forceinline__ void store_tile(GlobalOut<T> out, const float* stage, const Dense4<CL>& xi,
-                                           int64_t b, int64_t c0, int cn, int i0, int j0, int tid) {
-  constexpr int TP = TH * TW, n = CH * TP;
+// Writes stage[c * TH*TW + pix] (nch channels) of a TH x TW tile at (i0, j0) to channels
+// c0 + c of out, for c < cn and pixels in the image, in the layout's memory order.
+template <int TH, int TW, bool CL, int NT, typename T>
+__device__ __forceinline__ void store_tile(GlobalOut<T> out, const float* stage, int nch,
+                                           const Dense4<CL>& xi, int64_t b, int64_t c0, int cn, int i0,
+                                           int j0, int tid) {
+  constexpr int TP = TH * TW;
+  const int n = nch * TP;
   for (int e = tid; e < n; e += NT) {
-    const int c = CL ? e % CH : e / TP;
-    const int pix = CL ? e / CH : e % TP;
+    const int c = CL ? e % nch : e / TP;
+    const int pix = CL ? e / nch : e % TP;
     const int ii = i0 + pix / TW, jj = j0 + pix % TW;
     if (c < cn && ii < xi.H && jj < xi.W)
       out[xi(b, c0 + c, ii, jj)] = static_cast<T>(stage[c * TP + pix]);
@@ -184,7 +189,7 @@ __global__ void __launch_bounds__(TH * TWT, KT > 0 ? kBlocksPerSM : 1) window_v2
       for (int px = 0; px < PX; ++px) out[px] = gated ? acc[px] * out[px] : acc[px];
     }
     __syncthreads();
-    store_tile<CH, TH, TW, CL, NT>(p.out, stage, xi, b, c0, cn, i0, j0, tid);
+    store_tile<TH, TW, CL, NT>(p.out, stage, CH, xi, b, c0, cn, i0, j0, tid);
   }
 }
 
@@ -195,10 +200,11 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
   const int K = KT > 0 ? KT : p.K;
   const int KK = K * K, r = K / 2;
   const int rows = TH + K - 1, cols = TW + K - 1, NP = rows * cols;
-  float* tile = dynamic_smem<float>();  // [CH][NP]: x with the halo
+  float* taps = dynamic_smem<float>();  // generic K only: [KK][NT] P, then [KK][NT] dP
+  float* tile = taps + (KT > 0 ? 0 : 2 * KK * NT);  // [CH][NP]: x with the halo
   float* gyt = tile + CH * NP;          // [CH][TP]: g_y = dout * sigmoid(gate)
   float* st = gyt + CH * TP;            // [CH][TP]: sigmoid(gate), then dgate (gated only)
-  float* taps = st + CH * TP;           // generic K only: [KK][NT] P, then [KK][NT] dP
+  float* dks = tile;                    // after the channel loop: [KK][TP] dkernel
 
   const auto [tile_id, g, b] = block_place(p);
   const int i0 = (tile_id / p.tiles_w) * TH, j0 = (tile_id % p.tiles_w) * TW;
@@ -253,18 +259,23 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
     }
     if (gated) {
       __syncthreads();
-      store_tile<CH, TH, TW, CL, NT>(p.out, st, xi, b, c0, cn, i0, j0, tid);
+      store_tile<TH, TW, CL, NT>(p.out, st, CH, xi, b, c0, cn, i0, j0, tid);
     }
   }
 
+  // dkernel = P (dP - sum_t P dP), staged so that both layouts store whole sectors (in
+  // channels_last a pixel's K*K taps are contiguous, and 49 stores of one thread would each hit
+  // another sector of every lane).
+  __syncthreads();  // the last chunk's tiles are consumed
   if (active) {
     float pdp = 0.f;
 #pragma unroll
     for (int t = 0; t < KK; ++t) pdp = fmaf(P[t], dP[t], pdp);
 #pragma unroll
-    for (int t = 0; t < KK; ++t)
-      p.dkernel[ki(b, kc0 + t, i, j)] = static_cast<T>(P[t] * (dP[t] - pdp));
+    for (int t = 0; t < KK; ++t) dks[t * TP + tid] = P[t] * (dP[t] - pdp);
   }
+  __syncthreads();
+  store_tile<TH, TW, CL, NT>(p.dkernel, dks, KK, ki, b, kc0, KK, i0, j0, tid);
 }
 
 template <Mode M, int KT, int TH, int TWT, int PX, typename T, bool CL>
@@ -284,8 +295,9 @@ void launch_grad_weights(Params<T> p, cudaStream_t stream) {
   constexpr int CH = chunk<T, CL>();
   const int64_t blocks = set_tiles(p, TH, TW);
   const int K = p.K;
-  const size_t floats = CH * static_cast<size_t>(TH + K - 1) * (TW + K - 1) + 2 * CH * TH * TW +
-                        (KT > 0 ? 0 : 2 * static_cast<size_t>(K) * K * TH * TW);
+  const size_t KK = static_cast<size_t>(K) * K;
+  const size_t tiles = CH * static_cast<size_t>(TH + K - 1) * (TW + K - 1) + 2 * CH * TH * TW;
+  const size_t floats = (KT > 0 ? 0 : 2 * KK * TH * TW) + std::max(tiles, KK * TH * TW);
   launch_kernel(grad_weights_v2<KT, TH, TW, T, CL>, blocks, TH * TW, floats * sizeof(float),
                 stream, p, K);
 }
