@@ -31,7 +31,7 @@ CONFIGS = {
 
 
 def _batch(batch_size: int, image_size: int, device: torch.device):
-    from sgdc_kernels.data import SyntheticLesions
+    from sgdc_kernels.segmentation.data import SyntheticLesions
 
     ds = SyntheticLesions(batch_size, image_size, seed=0)
     images, masks = (torch.stack(t).to(device) for t in zip(*[ds[i] for i in range(batch_size)]))
@@ -66,9 +66,9 @@ def _bench_backend(
 ) -> dict:
     """phase "time": median step time (and, on a GPU, peak memory); phase "cpu_memory": the growth
     of the peak resident set over one step, after a warm-up step."""
-    from sgdc_kernels.losses import SegEdgeLoss
-    from sgdc_kernels.models import SGDNet
-    from sgdc_kernels.train import build_optimizer, make_scaler, train_step
+    from sgdc_kernels.segmentation.losses import SegEdgeLoss
+    from sgdc_kernels.segmentation.models import SGDNet
+    from sgdc_kernels.segmentation.train import build_optimizer, make_scaler, train_step
 
     row = dict(backend=backend, device=str(device), amp=amp, channels_last=channels_last,
                **{k: cfg[k] for k in ("image_size", "batch_size", "backbone", "dim", "depth")})  # fmt: skip
@@ -218,5 +218,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""SGD-Net, its losses, metrics and datasets (issue 5). CPU-sized: resnet10t, dim 32, 64x64."""
+"""SGD-Net, its losses, metrics and datasets. CPU-sized: resnet10t, dim 32, 64x64."""
 
 import math
 
@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from sgdc_kernels.data import SyntheticLesions, augment, build_datasets, find_pairs
-from sgdc_kernels.losses import SegEdgeLoss, boundary_target, soft_dice_loss
-from sgdc_kernels.metrics import MetricTracker, hd95, per_image_metrics
-
+pytest.importorskip("sgdc_kernels.segmentation", exc_type=ImportError)  # needs the 'train' extra
 timm = pytest.importorskip("timm")
 
 from sgdc_kernels import available_backends  # noqa: E402
-from sgdc_kernels.models import SGDNet  # noqa: E402
-from sgdc_kernels.train import build_optimizer, make_scaler, train_step  # noqa: E402
+from sgdc_kernels.segmentation.data import SyntheticLesions, augment, build_datasets, find_pairs  # noqa: E402
+from sgdc_kernels.segmentation.losses import SegEdgeLoss, boundary_target, soft_dice_loss  # noqa: E402
+from sgdc_kernels.segmentation.metrics import MetricTracker, hd95, per_image_metrics  # noqa: E402
+from sgdc_kernels.segmentation.models import SGDNet  # noqa: E402
+from sgdc_kernels.segmentation.train import build_optimizer, make_scaler, train_step  # noqa: E402
 
 TINY = dict(backbone="resnet10t", dim=32, depth=1, guide_ch=8)
 

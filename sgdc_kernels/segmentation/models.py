@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import get_backend
-from .modules import SGDC, SGE, ConvBNReLU
+from ..backends import get_backend
+from ..modules import SGDC, SGE, ConvBNReLU
 
 Tensor = torch.Tensor
 

@@ -1,4 +1,4 @@
-"""The training CLI (issue 5): a small synthetic CPU run, exact resume, and DDP with gloo."""
+"""The training CLI: a small synthetic CPU run, exact resume, and DDP with gloo."""
 
 import json
 import math
@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("timm")
-pytest.importorskip("tqdm")
+pytest.importorskip("sgdc_kernels.segmentation", exc_type=ImportError)  # needs the 'train' extra
 
 TINY = [
     "--data", "synthetic", "--image-size", "64", "--num-train", "16", "--num-val", "8",
@@ -20,7 +19,7 @@ TINY = [
 
 def _run(args, *, launcher=(), timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, *launcher, "-m", "sgdc_kernels.train", *TINY, *args]
+    cmd = [sys.executable, *launcher, "-m", "sgdc_kernels.segmentation.train", *TINY, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return proc
@@ -71,7 +70,7 @@ def test_resume_continues_exactly(run3, tmp_path):
 def test_resume_refuses_another_model(run3, tmp_path):
     out, _ = run3
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "sgdc_kernels.train", *TINY, "--dim", "48", "--epochs", "2",
+    cmd = [sys.executable, "-m", "sgdc_kernels.segmentation.train", *TINY, "--dim", "48", "--epochs", "2",
            "--out", str(tmp_path), "--resume", str(out / "last.pt")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "trained with" in proc.stderr
@@ -92,7 +91,7 @@ def test_train_step_benchmark_runs_on_cpu():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "train_step.py"
     spec = importlib.util.spec_from_file_location("bench_train_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
