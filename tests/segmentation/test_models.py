@@ -247,11 +247,31 @@ def test_augment_keeps_image_and_mask_aligned():
     image = (0.1 + 0.8 * mask).expand(3, -1, -1)  # grey: the jitter keeps foreground brighter
     seen = set()
     for seed in range(12):
-        img, m = augment(image, mask, torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        img, m = augment(image, mask)
         assert img.shape == image.shape and 0 <= img.min() and img.max() <= 1
         assert torch.equal(m, (img[:1] > (img.max() + img.min()) / 2).float())
         seen.add(tuple(m.flatten().tolist()))
     assert len(seen) > 3  # flips and rotations happen
+
+
+def test_augment_draws_the_eight_flips_and_quarter_turns():
+    """The geometric part is the dihedral group of the square, as the hand-written version was:
+    all 8 images occur, the mask moves with the image, and nothing is resampled. Non-square
+    inputs keep their shape (no quarter turns)."""
+    mask = torch.zeros(1, 5, 5)
+    mask[0, 0, :2] = 1  # an asymmetric mark: each of the 8 transforms gives another mask
+    mask[0, 1, 0] = 1
+    group = {tuple(t.flatten().tolist()) for k in range(4) for t in (mask.rot90(k, (1, 2)), mask.rot90(k, (1, 2)).flip(-1))}
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(200):
+        img, m = augment(mask.expand(3, -1, -1), mask)
+        seen.add(tuple(m.flatten().tolist()))
+        assert torch.equal(m.expand(3, -1, -1) > 0.5, img > img.max() / 2)
+    assert seen == group
+    img, m = augment(torch.rand(3, 4, 6), torch.zeros(1, 4, 6))
+    assert img.shape == (3, 4, 6) and m.shape == (1, 4, 6)
 
 
 def _write(path, array):
