@@ -18,8 +18,8 @@ import functools
 import gc
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ def _batch(batch_size: int, image_size: int, device: torch.device):
     return images, masks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bench_run():
     """bench/run.py: its timer (CUDA events on GPU, perf_counter on CPU, median after warm-up)
     and its peak-RSS helpers."""
@@ -102,7 +102,7 @@ def _bench_backend(
     except Exception as exc:  # report, keep benchmarking the other backends
         row.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
     finally:
-        del model, optimizer
+        model = optimizer = None  # free them before the next backend
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -110,17 +110,17 @@ def _bench_backend(
 
 
 def run(
-    device: Optional[str] = None,
-    backends: Optional[Sequence[str]] = None,
-    image_size: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    backbone: Optional[str] = None,
-    dim: Optional[int] = None,
-    depth: Optional[int] = None,
+    device: str | None = None,
+    backends: Sequence[str] | None = None,
+    image_size: int | None = None,
+    batch_size: int | None = None,
+    backbone: str | None = None,
+    dim: int | None = None,
+    depth: int | None = None,
     amp: str = "none",
     channels_last: bool = False,
-    warmup: Optional[int] = None,
-    iters: Optional[int] = None,
+    warmup: int | None = None,
+    iters: int | None = None,
 ) -> list[dict]:
     """One row per backend: ms_per_step (median), images_per_s, peak_mem_gb, speedup and
     memory_ratio against unfold (unfold's time or peak over this backend's), status ok/oom/error.

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -221,7 +221,7 @@ class LesionFolder(Dataset):
         return normalize(image), mask
 
 
-def _split_dir(root: Path, split: str) -> Optional[Path]:
+def _split_dir(root: Path, split: str) -> Path | None:
     for name in SPLIT_DIRS[split]:
         for candidate in (root / name, root / name.capitalize()):
             if candidate.is_dir():
@@ -261,5 +261,7 @@ def build_datasets(
         train_pairs = [pairs[i] for i in sorted(order[n_val:])]
     for name, pairs in (("training", train_pairs), ("validation", val_pairs)):
         if not pairs:
-            raise ValueError(f"--data: no {name} image/mask pairs found under {root} (see sgdc_kernels.data.find_pairs)")
+            raise ValueError(
+                f"--data: no {name} image/mask pairs found under {root} (see sgdc_kernels.data.find_pairs)"
+            )
     return LesionFolder(train_pairs, image_size, train=True), LesionFolder(val_pairs, image_size, train=False)

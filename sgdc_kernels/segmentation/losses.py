@@ -6,8 +6,6 @@ All losses run in float32 or wider whatever the logits' dtype (autocast-safe).
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,7 +57,7 @@ class SegEdgeLoss(nn.Module):
         dice_weight: float = 1.0,
         edge_weight: float = 1.0,
         edge_radius: int = 2,
-        edge_pos_weight: Union[float, str] = "auto",
+        edge_pos_weight: float | str = "auto",
         max_pos_weight: float = 50.0,
     ):
         super().__init__()

@@ -20,10 +20,8 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -44,14 +42,14 @@ PROG = "sgdc-train"
 # ---------------------------------------------------------------------------------------------
 
 
-def autocast(device: torch.device, amp: Optional[str]):
+def autocast(device: torch.device, amp: str | None):
     dtype = AMP_DTYPES[amp or "none"]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_scaler(device: torch.device, amp: Optional[str]) -> torch.amp.GradScaler:
+def make_scaler(device: torch.device, amp: str | None) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
@@ -61,8 +59,8 @@ def train_step(
     masks: torch.Tensor,
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    amp: Optional[str] = None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp: str | None = None,
     clip_grad: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Forward, loss, backward and optimizer step; returns the detached losses."""
@@ -174,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="synthetic", help="'synthetic' (built-in, seeded), or a folder in ISIC / PH2 layout")
+    d.add_argument(
+        "--data", default="synthetic", help="'synthetic' (built-in, seeded), or a folder in ISIC / PH2 layout"
+    )
     d.add_argument("--image-size", type=_bounded(int, 32), default=256, help="images are resized to this square size")
     d.add_argument("--num-train", type=_bounded(int, 1), default=512, help="synthetic training images")
     d.add_argument("--num-val", type=_bounded(int, 1), default=64, help="synthetic validation images")
@@ -206,14 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=_bounded(int, 1), default=20, help="training epochs")
     o.add_argument("--batch-size", type=_bounded(int, 1), default=8, help="images per step, per process")
     o.add_argument("--lr", type=_bounded(float, 0.0, low_open=True), default=1e-3, help="AdamW peak learning rate")
-    o.add_argument("--weight-decay", type=_bounded(float, 0.0), default=1e-4, help="AdamW weight decay (not on norms, biases)")
-    o.add_argument("--warmup-epochs", type=_bounded(float, 0.0), default=1.0, help="linear warm-up, then cosine decay to 0")
+    o.add_argument(
+        "--weight-decay", type=_bounded(float, 0.0), default=1e-4, help="AdamW weight decay (not on norms, biases)"
+    )
+    o.add_argument(
+        "--warmup-epochs", type=_bounded(float, 0.0), default=1.0, help="linear warm-up, then cosine decay to 0"
+    )
     o.add_argument("--clip-grad", type=_bounded(float, 0.0), default=1.0, help="max gradient norm; 0 disables")
     o.add_argument("--bce-weight", type=_bounded(float, 0.0), default=1.0, help="weight of the mask BCE loss")
     o.add_argument("--dice-weight", type=_bounded(float, 0.0), default=1.0, help="weight of the mask Dice loss")
     o.add_argument("--edge-weight", type=_bounded(float, 0.0), default=0.5, help="weight of the boundary BCE loss")
     o.add_argument("--edge-radius", type=_bounded(int, 0), default=2, help="boundary target half-width, pixels")
-    o.add_argument("--edge-pos-weight", type=_pos_weight, default="auto", help="edge BCE pos_weight: a number or 'auto'")
+    o.add_argument(
+        "--edge-pos-weight", type=_pos_weight, default="auto", help="edge BCE pos_weight: a number or 'auto'"
+    )
     o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (fp16 adds a grad scaler)")
     o.add_argument("--channels-last", action="store_true", help="channels_last model and images")
     r = p.add_argument_group("run")
@@ -224,9 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto': continue <out>/last.pt if present; a checkpoint path (last.pt or epoch_NNN.pt); "
         "'none': start afresh, overwriting <out>",
     )  # fmt: skip
-    r.add_argument("--save-every", type=_bounded(int, 0), default=0, help="also keep epoch_NNN.pt every N epochs; 0: never")
+    r.add_argument(
+        "--save-every", type=_bounded(int, 0), default=0, help="also keep epoch_NNN.pt every N epochs; 0: never"
+    )
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="'auto': cuda if available")
-    r.add_argument("--threads", type=_bounded(int, 0), default=0, help="torch CPU threads per process; 0 keeps the default")
+    r.add_argument(
+        "--threads", type=_bounded(int, 0), default=0, help="torch CPU threads per process; 0 keeps the default"
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -276,7 +286,7 @@ def backend_used(args: argparse.Namespace, device: torch.device) -> str:
         raise UsageError(f"--backend {args.backend}: {_one_line(exc)}") from None
 
 
-def load_resume(args: argparse.Namespace) -> tuple[Optional[dict], Optional[str]]:
+def load_resume(args: argparse.Namespace) -> tuple[dict | None, str | None]:
     """The checkpoint that --resume names, checked against the flags: (checkpoint, path), or
     (None, None) to start afresh."""
     resume = args.resume
@@ -391,7 +401,11 @@ def make_loaders(args, ddp: Dist):
         args.data, args.image_size, args.seed, args.num_train, args.num_val, args.val_fraction
     )
     sampler = DistributedSampler(
-        train_ds, num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=args.seed,
+        train_ds,
+        num_replicas=ddp.world,
+        rank=ddp.rank,
+        shuffle=True,
+        seed=args.seed,
         drop_last=len(train_ds) >= ddp.world * args.batch_size,
     )
     pin = ddp.device.type == "cuda"
@@ -464,7 +478,7 @@ def cli() -> None:
     main()
 
 
-def _train(args, ddp: Dist, backend: str, ckpt: Optional[dict], resume: Optional[str]) -> list[dict]:
+def _train(args, ddp: Dist, backend: str, ckpt: dict | None, resume: str | None) -> list[dict]:
     device = ddp.device
     out_dir = Path(args.out)
     try:
@@ -497,9 +511,7 @@ def _train(args, ddp: Dist, backend: str, ckpt: Optional[dict], resume: Optional
         optimizer, args.epochs * steps_per_epoch, max(1, round(args.warmup_epochs * steps_per_epoch))
     )
     scaler = make_scaler(device, args.amp)
-    loss_fn = SegEdgeLoss(
-        args.bce_weight, args.dice_weight, args.edge_weight, args.edge_radius, args.edge_pos_weight
-    )
+    loss_fn = SegEdgeLoss(args.bce_weight, args.dice_weight, args.edge_weight, args.edge_radius, args.edge_pos_weight)
     model_config = {k: getattr(args, k) for k in MODEL_ARGS}
     history: list[dict] = []
     start_epoch, best_dice = 0, -1.0
@@ -559,7 +571,9 @@ def _train(args, ddp: Dist, backend: str, ckpt: Optional[dict], resume: Optional
             scheduler.step()
             loss = losses["loss"].item()
             if not math.isfinite(loss):
-                raise UsageError(f"--lr {args.lr}: the loss is {loss} at epoch {epoch + 1}; lower --lr or use --amp bf16")
+                raise UsageError(
+                    f"--lr {args.lr}: the loss is {loss} at epoch {epoch + 1}; lower --lr or use --amp bf16"
+                )
             loss_sum += loss * images.shape[0]
             n_images += images.shape[0]
             if bar is not None:

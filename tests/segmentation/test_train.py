@@ -102,3 +102,163 @@ def test_train_step_benchmark_runs_on_cpu():
     assert rows[1]["speedup_vs_unfold"] > 0
     assert all(r["peak_mem_gb"] >= 0 for r in rows)  # peak RSS growth over one step on the CPU (may be 0)
     assert "unfold" in bench.format_table(rows)
+
+
+# ------------------------------------------------------------------------------------ CLI usage
+
+from sgdc_kernels.segmentation import train as train_cli  # noqa: E402
+
+
+def test_every_flag_has_help_and_a_shown_default():
+    parser = train_cli.build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) >= 35
+    for action in flags:
+        assert action.help, action.option_strings
+    text = parser.format_help()
+    assert text.count("(default:") == len(flags)
+
+
+def _usage_error(argv, capsys, monkeypatch, before_model=True) -> str:
+    """Run the CLI in this process, with a model builder that must not be reached unless
+    ``before_model`` is False; return the error line."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the mistake was reported")
+
+    if before_model:
+        monkeypatch.setattr(train_cli, "build_model", no_model)
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sgdc-train: error: "), err
+    return err
+
+
+def _mistakes(tmp_path):
+    import torch
+
+    from sgdc_kernels import available_backends
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--data", str(tmp_path / "missing")], "--data"),
+        (["--data", str(tmp_path / "empty")], "--data"),  # a folder without image/mask pairs
+        (["--backend", "nope"], "--backend"),
+        (["--num-heads", "3"], "--num-heads"),  # dim 32
+        (["--kernel-size", "4"], "--kernel-size"),
+        (["--epochs", "0"], "--epochs"),
+        (["--lr", "-1"], "--lr"),
+        (["--edge-pos-weight", "many"], "--edge-pos-weight"),
+        (["--backbone", "no_such_net"], "--backbone"),
+        (["--pretrained", str(tmp_path / "missing.pth")], "--pretrained"),
+        (["--resume", str(tmp_path / "missing.pt")], "--resume"),
+        (["--resume", str(tmp_path / "a_file")], "--resume"),  # not a checkpoint
+        (["--out", str(tmp_path / "a_file")], "--out"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [(["--device", "cuda"], "--device")]
+    if "cuda" not in available_backends("cpu"):
+        cases += [(["--backend", "cuda"], "--backend")]
+    return cases
+
+
+def test_mistakes_give_one_line_naming_the_flag_before_the_model(tmp_path, capsys, monkeypatch):
+    for argv, flag in _mistakes(tmp_path):
+        err = _usage_error([*TINY, "--out", str(tmp_path / "run"), *argv], capsys, monkeypatch)
+        assert flag in err, (argv, err)
+
+
+def test_backbone_without_the_strides_is_named(tmp_path, capsys, monkeypatch):
+    # Only building the backbone tells its feature strides; still one line naming the flag.
+    argv = [*TINY, "--out", str(tmp_path), "--backbone", "vit_tiny_patch16_224"]
+    err = _usage_error(argv, capsys, monkeypatch, before_model=False)
+    assert "--backbone vit_tiny_patch16_224" in err and "strides" in err
+
+
+def test_console_script_reports_a_mistake_without_traceback(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "sgdc-train")
+    assert os.path.exists(script), "the sgdc-train console script is installed with the package"
+    proc = subprocess.run([script, "--data", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"sgdc-train: error: --data {tmp_path / 'missing'}: no such folder (expected 'synthetic' or a folder of "
+        "images and masks) (see --help)"
+    ]
+
+
+def test_run_records_the_backend_it_used(run3):
+    out, proc = run3
+    config = _records(out)["config"]
+    assert config["backend_requested"] == "auto" and config["backend"] == "torch"  # auto on a CPU
+    assert "backend=torch" in proc.stdout
+
+
+def test_best_pt_holds_weights_only_and_says_so(run3, tmp_path, capsys, monkeypatch):
+    out, _ = run3
+    best = torch_load(out / "best.pt")
+    assert set(best) == {"model", "model_config", "epoch", "metrics"}
+    err = _usage_error(
+        [*TINY, "--epochs", "3", "--out", str(tmp_path), "--resume", str(out / "best.pt")], capsys, monkeypatch
+    )
+    assert "--resume" in err and "weights only" in err and "last.pt" in err
+
+
+def test_resume_needs_the_same_epochs(run3, tmp_path, capsys, monkeypatch):
+    out, _ = run3
+    err = _usage_error(
+        [*TINY, "--epochs", "5", "--out", str(tmp_path), "--resume", str(out / "last.pt")], capsys, monkeypatch
+    )
+    assert "--epochs 5" in err and "--epochs 3" in err
+
+
+def test_rerunning_a_finished_run_has_nothing_to_do(run3, capsys, monkeypatch):
+    out, _ = run3
+    before = (out / "last.pt").stat().st_mtime_ns
+    monkeypatch.setattr(train_cli, "build_model", None)  # not reached
+    history = train_cli.main([*TINY, "--epochs", "3", "--out", str(out), "--lr", "2e-3"])  # --resume auto
+    assert [e["epoch"] for e in history] == [1, 2, 3]
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_warmup_cosine_schedule_equals_the_closed_form():
+    """SequentialLR(LinearLR, CosineAnnealingLR) gives, step for step, the factor the hand-written
+    LambdaLR gave: (step + 1) / warmup during warm-up, then 0.5 (1 + cos(pi progress))."""
+    import torch
+
+    def closed_form(step, total, warmup):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    for total, warmup in [(40, 4), (10, 1), (5, 5), (7, 2)]:
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([param], lr=1e-3)
+        scheduler = train_cli.warmup_cosine_schedule(optimizer, total, warmup)
+        for step in range(total + 1):
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * closed_form(step, total, warmup), abs=1e-15)
+            optimizer.step()
+            scheduler.step()
+
+
+def test_train_extra_missing_gives_a_clear_import_error():
+    code = (
+        "import sys\n"
+        "sys.modules['monai'] = None\n"  # as if the 'train' extra were not installed
+        "import sgdc_kernels\n"  # the operator library does not need it
+        "try:\n"
+        "    import sgdc_kernels.segmentation\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "(monai missing)" in out and 'pip install "sgdc-kernels[train]"' in out
