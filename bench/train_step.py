@@ -198,6 +198,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
     a = p.parse_args(argv)
+    try:
+        import sgdc_kernels.segmentation  # noqa: F401  (SGD-Net needs the 'train' extra)
+    except ImportError as exc:
+        p.error(str(exc))
     backends = a.backends.split(",") if a.backends else None
     rows = run(a.device, backends, a.image_size, a.batch_size, a.backbone, a.dim, a.depth, a.amp,
                a.channels_last, a.warmup, a.iters)  # fmt: skip

@@ -262,6 +262,6 @@ def build_datasets(
     for name, pairs in (("training", train_pairs), ("validation", val_pairs)):
         if not pairs:
             raise ValueError(
-                f"--data: no {name} image/mask pairs found under {root} (see sgdc_kernels.data.find_pairs)"
+                f"--data: no {name} image/mask pairs found under {root} (see sgdc_kernels.segmentation.data.find_pairs)"
             )
     return LesionFolder(train_pairs, image_size, train=True), LesionFolder(val_pairs, image_size, train=False)

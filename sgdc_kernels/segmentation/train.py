@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..backends import BACKEND_NAMES, BackendUnavailableError, resolve_backend
+from .. import BackendUnavailableError
+from ..backends import BACKEND_NAMES, resolve_backend
 from .losses import SegEdgeLoss
 from .metrics import MetricTracker
 
@@ -239,10 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
 
 
 def _one_line(exc: BaseException) -> str:
