@@ -13,7 +13,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["sgdc_kernels", "sgdc_kernels.triton_ops"]
+PACKAGES = ["sgdc_kernels", "sgdc_kernels.segmentation", "sgdc_kernels.triton_ops"]
 PACKAGE_DIR = {"sgdc_kernels": "sgdc_kernels", "sgdc_kernels.triton_ops": "triton_ops"}
 
 

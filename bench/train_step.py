@@ -18,8 +18,8 @@ import functools
 import gc
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -31,14 +31,14 @@ CONFIGS = {
 
 
 def _batch(batch_size: int, image_size: int, device: torch.device):
-    from sgdc_kernels.data import SyntheticLesions
+    from sgdc_kernels.segmentation.data import SyntheticLesions
 
     ds = SyntheticLesions(batch_size, image_size, seed=0)
     images, masks = (torch.stack(t).to(device) for t in zip(*[ds[i] for i in range(batch_size)]))
     return images, masks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bench_run():
     """bench/run.py: its timer (CUDA events on GPU, perf_counter on CPU, median after warm-up)
     and its peak-RSS helpers."""
@@ -66,9 +66,9 @@ def _bench_backend(
 ) -> dict:
     """phase "time": median step time (and, on a GPU, peak memory); phase "cpu_memory": the growth
     of the peak resident set over one step, after a warm-up step."""
-    from sgdc_kernels.losses import SegEdgeLoss
-    from sgdc_kernels.models import SGDNet
-    from sgdc_kernels.train import build_optimizer, make_scaler, train_step
+    from sgdc_kernels.segmentation.losses import SegEdgeLoss
+    from sgdc_kernels.segmentation.models import SGDNet
+    from sgdc_kernels.segmentation.train import build_optimizer, make_scaler, train_step
 
     row = dict(backend=backend, device=str(device), amp=amp, channels_last=channels_last,
                **{k: cfg[k] for k in ("image_size", "batch_size", "backbone", "dim", "depth")})  # fmt: skip
@@ -102,7 +102,7 @@ def _bench_backend(
     except Exception as exc:  # report, keep benchmarking the other backends
         row.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
     finally:
-        del model, optimizer
+        model = optimizer = None  # free them before the next backend
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -110,17 +110,17 @@ def _bench_backend(
 
 
 def run(
-    device: Optional[str] = None,
-    backends: Optional[Sequence[str]] = None,
-    image_size: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    backbone: Optional[str] = None,
-    dim: Optional[int] = None,
-    depth: Optional[int] = None,
+    device: str | None = None,
+    backends: Sequence[str] | None = None,
+    image_size: int | None = None,
+    batch_size: int | None = None,
+    backbone: str | None = None,
+    dim: int | None = None,
+    depth: int | None = None,
     amp: str = "none",
     channels_last: bool = False,
-    warmup: Optional[int] = None,
-    iters: Optional[int] = None,
+    warmup: int | None = None,
+    iters: int | None = None,
 ) -> list[dict]:
     """One row per backend: ms_per_step (median), images_per_s, peak_mem_gb, speedup and
     memory_ratio against unfold (unfold's time or peak over this backend's), status ok/oom/error.
@@ -198,6 +198,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
     a = p.parse_args(argv)
+    try:
+        import sgdc_kernels.segmentation  # noqa: F401  (SGD-Net needs the 'train' extra)
+    except ImportError as exc:
+        p.error(str(exc))
     backends = a.backends.split(",") if a.backends else None
     rows = run(a.device, backends, a.image_size, a.batch_size, a.backbone, a.dim, a.depth, a.amp,
                a.channels_last, a.warmup, a.iters)  # fmt: skip
@@ -218,5 +222,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main(sys.argv[1:])

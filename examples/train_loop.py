@@ -1,7 +1,7 @@
 """A minimal training loop with an SGDC block: fits the block to a fixed random target.
 
-    python examples/train_loop.py              # CPU or GPU, backend "auto"
-    python examples/train_loop.py --backend torch --steps 50
+python examples/train_loop.py              # CPU or GPU, backend "auto"
+python examples/train_loop.py --backend torch --steps 50
 """
 
 import argparse

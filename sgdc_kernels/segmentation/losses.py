@@ -1,15 +1,15 @@
-"""Training losses for SGD-Net: segmentation BCE + Dice, and a boundary BCE for the edge head.
+"""Training losses for SGD-Net: segmentation BCE + Dice (MONAI's DiceLoss), and a boundary BCE for
+the edge head.
 
 All losses run in float32 or wider whatever the logits' dtype (autocast-safe).
 """
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 
 Tensor = torch.Tensor
 
@@ -33,15 +33,14 @@ def boundary_target(mask: Tensor, radius: int = 2) -> Tensor:
     return dilated - eroded
 
 
-def soft_dice_loss(logits: Tensor, target: Tensor, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> Tensor:
-    """1 - (2|P.T| + smooth_nr) / (|P| + |T| + smooth_dr), P = sigmoid(logits), per image and
-    channel, then averaged: MONAI's DiceLoss(sigmoid=True) with its default smoothing. An image with
-    an empty target and an all-background prediction scores a loss near 0."""
-    p = torch.sigmoid(_wide(logits)).flatten(2)
-    t = _wide(target).flatten(2)
-    inter = (p * t).sum(-1)
-    denom = p.sum(-1) + t.sum(-1)
-    return (1.0 - (2.0 * inter + smooth_nr) / (denom + smooth_dr)).mean()
+_DICE = DiceLoss(sigmoid=True)  # per image and channel, then the mean; smooth_nr = smooth_dr = 1e-5
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """MONAI's ``DiceLoss(sigmoid=True)`` in float32 or wider: 1 - (2|P.T| + 1e-5) / (|P| + |T| + 1e-5),
+    P = sigmoid(logits), per image and channel, then averaged. An image with an empty target and an
+    all-background prediction scores a loss near 0."""
+    return _DICE(_wide(logits), _wide(target))
 
 
 class SegEdgeLoss(nn.Module):
@@ -58,7 +57,7 @@ class SegEdgeLoss(nn.Module):
         dice_weight: float = 1.0,
         edge_weight: float = 1.0,
         edge_radius: int = 2,
-        edge_pos_weight: Union[float, str] = "auto",
+        edge_pos_weight: float | str = "auto",
         max_pos_weight: float = 50.0,
     ):
         super().__init__()

@@ -1,16 +1,17 @@
 """Binary segmentation metrics, per image and averaged over images as the ISIC literature reports
 them (the mean of per-image scores, not one score of the pooled pixels).
 
-Prediction = logits > 0 (probability > 0.5); target = mask > 0.5.
+Prediction = logits > 0 (probability > 0.5); target = mask > 0.5. The scores are MONAI's:
 
-- IoU = |P and T| / |P or T|;  Dice = 2 |P and T| / (|P| + |T|).
-- HD95, in pixels: MONAI's compute_hausdorff_distance(percentile=95, directed=False) on 2-D masks:
+- IoU = |P and T| / |P or T|: ``monai.metrics.compute_iou``;
+- Dice = 2 |P and T| / (|P| + |T|): ``monai.metrics.compute_dice``;
+- HD95, in pixels: ``monai.metrics.compute_hausdorff_distance(percentile=95, directed=False)``:
   contours are the mask pixels removed by a binary erosion (4-connected cross, outside the image
   counts as background), the 95th percentile (linear interpolation) of the Euclidean distances from
   each predicted contour pixel to the nearest true contour pixel and the same the other way round,
   and the larger of the two.
 
-Empty masks (where MONAI gives NaN or inf):
+This module adds only the policy for empty masks, where MONAI gives NaN:
 - both empty: IoU = Dice = 1 and HD95 = 0 (a correct "no lesion" answer);
 - exactly one empty: IoU = Dice = 0 and HD95 = the image diagonal sqrt(H^2 + W^2), the largest
   distance the image allows, so a missed or hallucinated lesion counts as the worst case instead of
@@ -20,66 +21,60 @@ Empty masks (where MONAI gives NaN or inf):
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 Tensor = torch.Tensor
 
 METRIC_NAMES = ("iou", "dice", "hd95")
 
 
-def _binary_erosion(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_erosion
+def _hd95_where_both_nonempty(pred: Tensor, target: Tensor) -> Tensor:
+    """MONAI's symmetric HD95 of boolean (N, 1, H, W) masks, none of them empty; float64 (N,)."""
+    if pred.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    with warnings.catch_warnings():
+        # MONAI 1.5-1.6 passes its own deprecated always_return_as_numpy argument internally.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        hd = compute_hausdorff_distance(pred, target, include_background=True, percentile=95, directed=False)
+    return hd[:, 0].double()
 
-    return binary_erosion(mask)  # cross structuring element, border_value 0: as MONAI
 
-
-def contour(mask: np.ndarray) -> np.ndarray:
-    """The pixels of a boolean 2-D mask that a 4-connected erosion removes."""
-    return mask & ~_binary_erosion(mask)
+def _scores(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """IoU, Dice and HD95 of boolean (B, 1, H, W) masks with the empty-mask policy; float64 (B,)."""
+    # ignore_empty=False is MONAI's form of the policy for IoU and Dice: an empty target scores 1
+    # against an empty prediction and 0 against any other.
+    iou = compute_iou(pred, target, include_background=True, ignore_empty=False)[:, 0].double()
+    dice = compute_dice(pred, target, include_background=True, ignore_empty=False)[:, 0].double()
+    has_p, has_t = pred.flatten(1).any(1), target.flatten(1).any(1)
+    both = has_p & has_t
+    hd = torch.where(has_p | has_t, math.hypot(*pred.shape[-2:]), 0.0).double()
+    hd[both] = _hd95_where_both_nonempty(pred[both], target[both])
+    return {"iou": iou, "dice": dice, "hd95": hd}
 
 
 def hd95(pred: np.ndarray, target: np.ndarray) -> float:
     """Symmetric 95th-percentile Hausdorff distance between two boolean 2-D masks, in pixels
     (empty masks: see the module docstring)."""
-    from scipy.ndimage import distance_transform_edt
-
     pred, target = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
     if pred.shape != target.shape or pred.ndim != 2:
         raise ValueError(f"hd95: expected two 2-D masks of one shape, got {pred.shape} and {target.shape}")
-    has_p, has_t = bool(pred.any()), bool(target.any())
-    if not has_p and not has_t:
-        return 0.0
-    if has_p != has_t:
-        return math.hypot(*pred.shape)
-    cp, ct = contour(pred), contour(target)
-    d_pt = distance_transform_edt(~ct)[cp]  # each predicted contour pixel -> nearest true one
-    d_tp = distance_transform_edt(~cp)[ct]
-    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+    as_batch = (torch.from_numpy(m)[None, None] for m in (pred, target))
+    return float(_scores(*as_batch)["hd95"][0])
 
 
 def per_image_metrics(seg_logits: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """IoU, Dice and HD95 of each image of a (B, 1, H, W) batch of logits against its mask;
     returns float64 CPU tensors of shape (B,)."""
-    if seg_logits.shape[1] != 1 or mask.shape[1] != 1:
+    if seg_logits.dim() != 4 or mask.shape != seg_logits.shape or seg_logits.shape[1] != 1:
         raise ValueError(
             f"per_image_metrics: expected single-channel (B, 1, H, W) logits and masks, got "
             f"{tuple(seg_logits.shape)} and {tuple(mask.shape)}"
         )
-    pred = (seg_logits.detach() > 0).flatten(1).cpu()
-    target = (mask.detach() > 0.5).flatten(1).cpu()
-    inter = (pred & target).sum(1).double()
-    n_pred, n_target = pred.sum(1).double(), target.sum(1).double()
-    union = n_pred + n_target - inter
-    both_empty = union == 0
-    iou = torch.where(both_empty, torch.ones_like(inter), inter / union.clamp_min(1))
-    dice = torch.where(both_empty, torch.ones_like(inter), 2 * inter / (n_pred + n_target).clamp_min(1))
-    shape = seg_logits.shape[-2:]
-    p2 = pred.view(-1, *shape).numpy()
-    t2 = target.view(-1, *shape).numpy()
-    hd = torch.tensor([hd95(p, t) for p, t in zip(p2, t2)], dtype=torch.float64)
-    return {"iou": iou, "dice": dice, "hd95": hd}
+    return _scores((seg_logits.detach() > 0).cpu(), (mask.detach() > 0.5).cpu())
 
 
 class MetricTracker:

@@ -1,7 +1,8 @@
 """Datasets for SGD-Net: skin-lesion folders (ISIC, PH2) and a built-in synthetic lesion set.
 
 Every dataset yields ``(image, mask)``: image float32 (3, S, S), ImageNet-normalized; mask float32
-(1, S, S) in {0, 1}. Only PIL and torch are used (no torchvision).
+(1, S, S) in {0, 1}. Images are read with Pillow; augmentation and normalization are
+torchvision.transforms.v2.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 Tensor = torch.Tensor
 
@@ -31,33 +34,46 @@ MASK_DIR = re.compile(r"mask|groundtruth|ground_truth|label|annotation", re.IGNO
 SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "test")}
 
 
+class RandomRot90(v2.Transform):
+    """Rotate the image and its mask together by k * 90 degrees, k uniform in 0..3 (k in {0, 2} for
+    non-square inputs, which a quarter turn would reshape). Exact: ``torch.rot90``, no resampling."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        h, w = v2.query_size(flat_inputs)
+        k = int(torch.randint(4, ())) if h == w else 2 * int(torch.randint(2, ()))
+        return {"k": k}
+
+    def transform(self, inpt, params: dict):
+        if params["k"] == 0:
+            return inpt
+        out = inpt.rot90(params["k"], (-2, -1))
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+# Paired image/mask augmentation (torchvision.transforms.v2 applies the geometric transforms to both
+# and the colour jitter to the image only): random flips, quarter turns, and brightness, contrast
+# and saturation within +-10%.
+AUGMENT = v2.Compose(
+    [
+        v2.RandomHorizontalFlip(),
+        v2.RandomVerticalFlip(),
+        RandomRot90(),
+        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
+    ]
+)
+NORMALIZE = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def augment(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """A random flip/rotation of an image in [0, 1] (3, H, W) and its mask (1, H, W), and a light
+    colour jitter of the image; draws from torch's global RNG (seeded per DataLoader worker)."""
+    image, mask = AUGMENT(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    return image.as_subclass(Tensor).contiguous(), mask.as_subclass(Tensor).contiguous()
+
+
 def normalize(image: Tensor) -> Tensor:
-    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image - mean) / std
-
-
-def augment(image: Tensor, mask: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-    """Random flips, rotations by multiples of 90 degrees (180 only for non-square images) and a
-    light colour jitter (brightness, contrast, saturation within +-10%) of an image in [0, 1]."""
-
-    def rand() -> float:
-        return float(torch.rand((), generator=generator))
-
-    if rand() < 0.5:
-        image, mask = image.flip(-1), mask.flip(-1)
-    if rand() < 0.5:
-        image, mask = image.flip(-2), mask.flip(-2)
-    square = image.shape[-1] == image.shape[-2]
-    k = int(rand() * 4) if square else 2 * int(rand() * 2)
-    if k:
-        image, mask = image.rot90(k, (-2, -1)), mask.rot90(k, (-2, -1))
-    brightness, contrast, saturation = (1.0 + 0.2 * (rand() - 0.5) for _ in range(3))
-    image = image * brightness
-    image = (image - image.mean()) * contrast + image.mean()
-    gray = (image * image.new_tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-    image = (image - gray) * saturation + gray
-    return image.clamp(0.0, 1.0).contiguous(), mask.contiguous()
+    """ImageNet normalization of an image in [0, 1] (the timm backbones' statistics)."""
+    return NORMALIZE(image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +221,7 @@ class LesionFolder(Dataset):
         return normalize(image), mask
 
 
-def _split_dir(root: Path, split: str) -> Optional[Path]:
+def _split_dir(root: Path, split: str) -> Path | None:
     for name in SPLIT_DIRS[split]:
         for candidate in (root / name, root / name.capitalize()):
             if candidate.is_dir():
@@ -245,5 +261,7 @@ def build_datasets(
         train_pairs = [pairs[i] for i in sorted(order[n_val:])]
     for name, pairs in (("training", train_pairs), ("validation", val_pairs)):
         if not pairs:
-            raise ValueError(f"--data: no {name} image/mask pairs found under {root} (see sgdc_kernels.data.find_pairs)")
+            raise ValueError(
+                f"--data: no {name} image/mask pairs found under {root} (see sgdc_kernels.segmentation.data.find_pairs)"
+            )
     return LesionFolder(train_pairs, image_size, train=True), LesionFolder(val_pairs, image_size, train=False)

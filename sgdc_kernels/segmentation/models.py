@@ -1,4 +1,4 @@
-"""SGD-Net: a segmentation network built around the SGE and SGDC modules (SPEC section 3).
+"""SGD-Net: a segmentation network built around the SGE and SGDC modules (see sgdc_kernels.modules).
 
 The paper's full network is not public; this is our design around the two released modules:
 
@@ -16,14 +16,15 @@ The paper's full network is not public; this is our design around the two releas
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import get_backend
-from .modules import SGDC, SGE, ConvBNReLU
+from .. import get_backend
+from ..modules import SGDC, SGE, ConvBNReLU
 
 Tensor = torch.Tensor
 
@@ -40,8 +41,7 @@ def _import_timm():
         import timm
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            f"SGDNet needs timm for its backbone ({exc}); install the training extra: "
-            "pip install 'sgdc-kernels[train]'"
+            f"SGDNet needs timm for its backbone ({exc}); install the training extra: pip install 'sgdc-kernels[train]'"
         ) from exc
     return timm
 
@@ -82,7 +82,7 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> list[str]:
     return ignored
 
 
-def create_backbone(name: str, pretrained: Union[bool, str, None], in_chans: int = 3) -> nn.Module:
+def create_backbone(name: str, pretrained: bool | str | None, in_chans: int = 3) -> nn.Module:
     """A timm features_only model with outputs at strides 4, 8, 16 and 32.
 
     ``pretrained``: False/None for random init; a path to a local checkpoint; or True for timm's
@@ -93,9 +93,7 @@ def create_backbone(name: str, pretrained: Union[bool, str, None], in_chans: int
     reductions = list(probe.feature_info.reduction())
     missing = [s for s in STRIDES if s not in reductions]
     if missing:
-        raise ValueError(
-            f"backbone: {name!r} has feature strides {reductions}; SGDNet needs {list(STRIDES)}"
-        )
+        raise ValueError(f"backbone: {name!r} has feature strides {reductions}; SGDNet needs {list(STRIDES)}")
     # The last stage of each stride (some models repeat a stride).
     out_indices = tuple(max(i for i, r in enumerate(reductions) if r == s) for s in STRIDES)
     if pretrained is True:
@@ -142,17 +140,17 @@ class SGDNet(nn.Module):
         self,
         num_classes: int = 1,
         backbone: str = "resnet50",
-        pretrained: Union[bool, str, None] = False,
+        pretrained: bool | str | None = False,
         dim: int = 256,
-        depth: Union[int, Sequence[int]] = 4,
+        depth: int | Sequence[int] = 4,
         guide_ch: int = 16,
         num_heads: int = 4,
         kernel_size: int = 7,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         ls_init: float = 1e-6,
-        sge_mid: Optional[int] = None,
-        sge_bottleneck: Optional[int] = None,
+        sge_mid: int | None = None,
+        sge_bottleneck: int | None = None,
         backend: str = "auto",
         in_chans: int = 3,
     ):
@@ -178,9 +176,7 @@ class SGDNet(nn.Module):
         for n in depths:
             level = []
             for _ in range(n):
-                level.append(
-                    SGDC(dim, guide_ch, num_heads, kernel_size, mlp_ratio, rates[i], ls_init, backend=backend)
-                )
+                level.append(SGDC(dim, guide_ch, num_heads, kernel_size, mlp_ratio, rates[i], ls_init, backend=backend))
                 i += 1
             blocks.append(nn.ModuleList(level))
         self.blocks = nn.ModuleList(blocks)

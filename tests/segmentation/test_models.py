@@ -1,4 +1,4 @@
-"""SGD-Net, its losses, metrics and datasets (issue 5). CPU-sized: resnet10t, dim 32, 64x64."""
+"""SGD-Net, its losses, metrics and datasets. CPU-sized: resnet10t, dim 32, 64x64."""
 
 import math
 
@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from sgdc_kernels.data import SyntheticLesions, augment, build_datasets, find_pairs
-from sgdc_kernels.losses import SegEdgeLoss, boundary_target, soft_dice_loss
-from sgdc_kernels.metrics import MetricTracker, hd95, per_image_metrics
-
+pytest.importorskip("sgdc_kernels.segmentation", exc_type=ImportError)  # needs the 'train' extra
 timm = pytest.importorskip("timm")
 
 from sgdc_kernels import available_backends  # noqa: E402
-from sgdc_kernels.models import SGDNet  # noqa: E402
-from sgdc_kernels.train import build_optimizer, make_scaler, train_step  # noqa: E402
+from sgdc_kernels.segmentation.data import SyntheticLesions, augment, build_datasets, find_pairs  # noqa: E402
+from sgdc_kernels.segmentation.losses import SegEdgeLoss, boundary_target, soft_dice_loss  # noqa: E402
+from sgdc_kernels.segmentation.metrics import MetricTracker, hd95, per_image_metrics  # noqa: E402
+from sgdc_kernels.segmentation.models import SGDNet  # noqa: E402
+from sgdc_kernels.segmentation.train import build_optimizer, make_scaler, train_step  # noqa: E402
 
 TINY = dict(backbone="resnet10t", dim=32, depth=1, guide_ch=8)
 
@@ -94,7 +94,9 @@ def _steps(backend, device, dtype, steps=3):
     losses = []
     for step in range(steps):
         images, masks = (t[(step % 2) * 2 : (step % 2) * 2 + 2].to(device, dtype) for t in batch)
-        losses.append(train_step(model, images, masks, loss_fn, optimizer, make_scaler(torch.device(device), None))["loss"].item())
+        losses.append(
+            train_step(model, images, masks, loss_fn, optimizer, make_scaler(torch.device(device), None))["loss"].item()
+        )
     return losses
 
 
@@ -204,6 +206,7 @@ def test_hd95_hand_computed_and_empty_masks():
     assert m["hd95"].tolist() == pytest.approx([0.0, math.hypot(10, 10)])
 
 
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # inside MONAI 1.5-1.6
 def test_hd95_matches_monai():
     monai_metrics = pytest.importorskip("monai.metrics")
     g = torch.Generator().manual_seed(1)
@@ -215,6 +218,45 @@ def test_hd95_matches_monai():
             a.float(), b.float(), include_background=True, percentile=95
         ).item()
         assert hd95(a[0, 0].numpy(), b[0, 0].numpy()) == pytest.approx(expected, abs=1e-5)
+
+
+def _random_masks(n, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.nn.functional.avg_pool2d
+    masks = pool(torch.rand(n, 1, h, w, generator=g), 5, 1, 2) > 0.5
+    masks[0] = False  # empty masks too
+    return masks
+
+
+def test_hd95_equals_the_scipy_formula():
+    """MONAI's HD95 equals the formula it replaced here: contours by a 4-connected erosion,
+    Euclidean distance transforms, the larger of the two directed 95th percentiles."""
+    from scipy.ndimage import binary_erosion, distance_transform_edt
+
+    def formula(p, t):
+        cp, ct = p & ~binary_erosion(p), t & ~binary_erosion(t)
+        d_pt, d_tp = distance_transform_edt(~ct)[cp], distance_transform_edt(~cp)[ct]
+        return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+    preds, targets = _random_masks(6, 40, 48, 1).numpy(), _random_masks(6, 40, 48, 2).numpy()
+    for p, t in zip(preds[1:, 0], targets[1:, 0]):
+        assert hd95(p, t) == pytest.approx(formula(p, t), abs=1e-6)
+
+
+def test_metrics_equal_the_counting_formulas():
+    """MONAI's IoU and Dice with ignore_empty=False equal the pixel counts they replaced,
+    including the empty-mask policy (both empty: 1; one empty: 0)."""
+    pred, target = _random_masks(6, 24, 24, 3), _random_masks(6, 24, 24, 4)
+    target[1] = False  # one empty, one not
+    p, t = pred.flatten(1).double(), target.flatten(1).double()
+    inter, n_p, n_t = (p * t).sum(1), p.sum(1), t.sum(1)
+    union = n_p + n_t - inter
+    iou = torch.where(union == 0, 1.0, inter / union.clamp_min(1)).double()
+    dice = torch.where(union == 0, 1.0, 2 * inter / (n_p + n_t).clamp_min(1)).double()
+    got = per_image_metrics(20 * (pred.double() - 0.5), target.double())
+    assert got["iou"].tolist() == pytest.approx(iou.tolist(), abs=1e-6)
+    assert got["dice"].tolist() == pytest.approx(dice.tolist(), abs=1e-6)
+    assert got["iou"][0] == 1 and got["iou"][1] == 0 and got["dice"][1] == 0
 
 
 def test_tracker_averages_per_image():
@@ -247,11 +289,33 @@ def test_augment_keeps_image_and_mask_aligned():
     image = (0.1 + 0.8 * mask).expand(3, -1, -1)  # grey: the jitter keeps foreground brighter
     seen = set()
     for seed in range(12):
-        img, m = augment(image, mask, torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        img, m = augment(image, mask)
         assert img.shape == image.shape and 0 <= img.min() and img.max() <= 1
         assert torch.equal(m, (img[:1] > (img.max() + img.min()) / 2).float())
         seen.add(tuple(m.flatten().tolist()))
     assert len(seen) > 3  # flips and rotations happen
+
+
+def test_augment_draws_the_eight_flips_and_quarter_turns():
+    """The geometric part is the dihedral group of the square, as the hand-written version was:
+    all 8 images occur, the mask moves with the image, and nothing is resampled. Non-square
+    inputs keep their shape (no quarter turns)."""
+    mask = torch.zeros(1, 5, 5)
+    mask[0, 0, :2] = 1  # an asymmetric mark: each of the 8 transforms gives another mask
+    mask[0, 1, 0] = 1
+    group = {
+        tuple(t.flatten().tolist()) for k in range(4) for t in (mask.rot90(k, (1, 2)), mask.rot90(k, (1, 2)).flip(-1))
+    }
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(200):
+        img, m = augment(mask.expand(3, -1, -1), mask)
+        seen.add(tuple(m.flatten().tolist()))
+        assert torch.equal(m.expand(3, -1, -1) > 0.5, img > img.max() / 2)
+    assert seen == group
+    img, m = augment(torch.rand(3, 4, 6), torch.zeros(1, 4, 6))
+    assert img.shape == (3, 4, 6) and m.shape == (1, 4, 6)
 
 
 def _write(path, array):
