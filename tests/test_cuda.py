@@ -90,9 +90,10 @@ def test_extension_and_python_ops_share_the_namespace():
 
 def _fake_inputs(B, C, H, W, G, K, gate, channels_last, dtype, device="cuda"):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    make = lambda c: torch.empty(B, c, H, W, device=device, dtype=dtype).to(  # noqa: E731
-        memory_format=fmt
-    ).requires_grad_()
+
+    def make(c):
+        return torch.empty(B, c, H, W, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_()
+
     return make(C), make(G * K * K), (make(C) if gate else None)
 
 
@@ -260,7 +261,10 @@ def test_tensor_over_2_31_elements(variant):
     n, m = 24, 2 * (K // 2)  # crop size; margin where a crop's inner edge cuts the window
     for top, left in ((0, 0), (H - n, W - n)):
         rows, cols = slice(top, top + n), slice(left, left + n)
-        crop = lambda t: t[:, :, rows, cols]  # noqa: E731
+
+        def crop(t, rows=rows, cols=cols):
+            return t[:, :, rows, cols]
+
         ref_out, (ref_dx, ref_dk) = forward_backward(oracle(K, G), (crop(x), crop(k), None), crop(dout).double())
         # keep the part at least m away from the crop's inner edges
         keep = (slice(None), slice(None), slice(0, n - m) if top == 0 else slice(m, n),
