@@ -32,7 +32,6 @@ TRITON_INTERPRET=1 (CPU tensors, for tests) the blocks are small and fixed.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -127,7 +126,7 @@ def _sgdc_fwd_kernel(
 ):  # fmt: skip
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
-    pid_bh, b, h, offs_p, mask_p, i, j = _pixel_tile(H, W, G, BLOCK_P)
+    _pid_bh, b, h, offs_p, mask_p, i, j = _pixel_tile(H, W, G, BLOCK_P)
     k_base = k_ptr + b * skb + h * KK * skc
     lse = _softmax_lse(k_base, skc, skp, offs_p, mask_p, KK, BLOCK_P)
     head = b * sxb + h * CG * sxc
@@ -260,13 +259,23 @@ def _row_segment(H, W, G, BW: tl.constexpr):
 
 
 @triton.jit
-def _band_dot(a, band, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (fp32 accumulator). UPCAST (bf16 under the interpreter only, whose tl.dot
+    multiplies bf16 operands as their raw 16-bit integers) multiplies the same values in fp32,
+    where products of bf16 numbers are exact, as on the tensor cores."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _band_dot(a, band, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ band, with ``band`` (fp32) cast to a's dtype, plus its rounding remainder when
     SPLIT (16-bit a)."""
     head = band.to(a.dtype)
-    acc = tl.dot(a, head, acc, input_precision=PRECISION)
+    acc = _mma(a, head, acc, PRECISION, UPCAST)
     if SPLIT:
-        acc = tl.dot(a, (band - head.to(tl.float32)).to(a.dtype), acc, input_precision=PRECISION)
+        acc = _mma(a, (band - head.to(tl.float32)).to(a.dtype), acc, PRECISION, UPCAST)
     return acc
 
 
@@ -289,7 +298,7 @@ def _forward_band(k_base, skc, skp, u, d, offs_p, mask_p, lse, K: tl.constexpr):
 
 @triton.jit
 def _ungated_rows(x_head, sxc, sxp, offs_c, mask_c, k_base, skc, skp, i, H, W, d, offs_p, mask_p, hcols, hcol_ok, lse,
-                  K: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+                  K: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
     """y = sum_t P[t] * x_t for the channels offs_c of the segment (BLOCK_C x BW, fp32)."""
     R: tl.constexpr = K // 2
     acc = tl.zeros([offs_c.shape[0], BW], tl.float32)
@@ -297,7 +306,7 @@ def _ungated_rows(x_head, sxc, sxp, offs_c, mask_c, k_base, skc, skp, i, H, W, d
         row = i + u - R
         xh = _load_tile(x_head, offs_c, sxc, row * W + hcols, sxp, mask_c, hcol_ok & (row >= 0) & (row < H))
         band = _forward_band(k_base, skc, skp, u, d, offs_p, mask_p, lse, K)
-        acc = _band_dot(xh, band, acc, SPLIT, PRECISION)
+        acc = _band_dot(xh, band, acc, SPLIT, PRECISION, UPCAST)
     return acc
 
 
@@ -307,9 +316,9 @@ def _sgdc_fwd_dot_kernel(
     H, W, CG, G,
     sxb, sxc, sxp, skb, skc, skp,
     K: tl.constexpr, HAS_GATE: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    pid_bh, b, h, i, j0 = _row_segment(H, W, G, BW)
+    _pid_bh, b, h, i, j0 = _row_segment(H, W, G, BW)
     offs_p, mask_p, d, hcols, hcol_ok = _segment_geometry(H, W, i, j0, K, BW, HALO)
     k_base = k_ptr + b * skb + h * K * K * skc
     lse = _softmax_lse(k_base, skc, skp, offs_p, mask_p, K * K, BW)
@@ -318,7 +327,7 @@ def _sgdc_fwd_dot_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < CG
         acc = _ungated_rows(x_ptr + head, sxc, sxp, offs_c, mask_c, k_base, skc, skp, i, H, W, d, offs_p, mask_p,
-                            hcols, hcol_ok, lse, K, BW, SPLIT, PRECISION)  # fmt: skip
+                            hcols, hcol_ok, lse, K, BW, SPLIT, PRECISION, UPCAST)  # fmt: skip
         if HAS_GATE:
             acc = acc * tl.sigmoid(_load_block(g_ptr + head, offs_c, sxc, offs_p, sxp, mask_c, mask_p))
         here = head + offs_c[:, None] * sxc + offs_p[None, :] * sxp
@@ -331,7 +340,7 @@ def _sgdc_bwd_dot_kernel(
     H, W, CG, G,
     sxb, sxc, sxp, skb, skc, skp,
     K: tl.constexpr, HAS_GATE: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Over output segments: dgate, dkernel, the lse and (gated) g_y = dout * sigmoid(gate),
     rounded to x's dtype; dP stays in registers, one (HALO x BW) band per halo row."""
@@ -350,7 +359,7 @@ def _sgdc_bwd_dot_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < CG
         y = _ungated_rows(x_ptr + head, sxc, sxp, offs_c, mask_c, k_ptr + k_off, skc, skp, i, H, W, d, offs_p, mask_p,
-                          hcols, hcol_ok, lse, K, BW, SPLIT, PRECISION)  # fmt: skip
+                          hcols, hcol_ok, lse, K, BW, SPLIT, PRECISION, UPCAST)  # fmt: skip
         dout = _load_block(dout_ptr + head, offs_c, sxc, offs_p, sxp, mask_c, mask_p)
         here = head + offs_c[:, None] * sxc + offs_p[None, :] * sxp
         mask = mask_c[:, None] & mask_p[None, :]
@@ -374,7 +383,7 @@ def _sgdc_bwd_dot_kernel(
             mask_c = offs_c < CG
             xh = _load_tile(x_ptr + head, offs_c, sxc, row * W + hcols, sxp, mask_c, row_ok)
             g_y = _load_tile(gy_ptr + head, offs_c, sxc, offs_p, sxp, mask_c, mask_p)
-            dp = tl.dot(tl.trans(xh), g_y.to(xh.dtype), dp, input_precision=PRECISION)
+            dp = _mma(tl.trans(xh), g_y.to(xh.dtype), dp, PRECISION, UPCAST)
         in_band = (d >= 0) & (d < K) & mask_p[None, :]
         band = _forward_band(k_ptr + k_off, skc, skp, u, d, offs_p, mask_p, lse, K)
         dk = band * (dp - s_pdp[None, :])
@@ -387,7 +396,7 @@ def _sgdc_bwd_dx_dot_kernel(
     H, W, CG, G,
     sxb, sxc, sxp, skb, skc, skp,
     K: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Over input segments (row i, columns j0 + p): dx = sum_u g_halo_u @ band'_u, a gather."""
     R: tl.constexpr = K // 2
@@ -408,7 +417,7 @@ def _sgdc_bwd_dx_dot_kernel(
             ok = (d >= 0) & (d < K) & out_ok[:, None]
             band = _prob(k_base + (u * K + 2 * R - d) * skc, opix[:, None], skp, ok, lse[:, None])
             gh = _load_tile(gy_ptr + head, offs_c, sxc, opix, sxp, mask_c, out_ok)
-            acc = _band_dot(gh, band, acc, SPLIT, PRECISION)
+            acc = _band_dot(gh, band, acc, SPLIT, PRECISION, UPCAST)
         here = head + offs_c[:, None] * sxc + offs_q[None, :] * sxp
         tl.store(dx_ptr + here, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_q[None, :])
 
@@ -436,7 +445,7 @@ def _dot_blocks(cg: int, w: int, kernel_size: int, dtype: torch.dtype) -> dict:
     blocks = dict(INTERPRET_DOT_BLOCKS) if INTERPRET else {"BW": 16, "BLOCK_C": max(16, min(triton.next_power_of_2(int(cg)), 64))}
     blocks["HALO"] = triton.next_power_of_2(blocks["BW"] + kernel_size - 1)
     fp32 = dtype == torch.float32
-    blocks.update(SPLIT=not fp32, PRECISION="tf32x3" if fp32 else "ieee")
+    blocks.update(SPLIT=not fp32, PRECISION="tf32x3" if fp32 else "ieee", UPCAST=INTERPRET and dtype == torch.bfloat16)
     if not INTERPRET:
         blocks["num_warps"] = 4
     return blocks
@@ -527,7 +536,7 @@ def _segment_grid(x: Tensor, num_heads: int):
 
 @triton_op("sgdc::triton_forward", mutates_args=())
 def sgdc_triton_forward(
-    x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
+    x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int
 ) -> Tensor:
     out = torch.empty_like(x)
     if out.numel() == 0:
@@ -548,7 +557,7 @@ def sgdc_triton_forward(
 
 @triton_op("sgdc::triton_backward", mutates_args=())
 def sgdc_triton_backward(
-    grad_out: Tensor, x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
+    grad_out: Tensor, x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     dx = torch.empty_like(x)
