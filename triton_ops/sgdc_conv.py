@@ -459,9 +459,13 @@ def variant() -> str:
     return name
 
 
+def kernel_family(name: str, dtype: torch.dtype) -> str:
+    """The kernels variant ``name`` runs on inputs of ``dtype``: "band" (v2) or "taps" (v1)."""
+    return "band" if name == "v2dot" or (name == "v2dot16" and dtype != torch.float32) else "taps"
+
+
 def _uses_band(x: Tensor) -> bool:
-    name = variant()
-    return name == "v2dot" or (name == "v2dot16" and x.dtype != torch.float32)
+    return kernel_family(variant(), x.dtype) == "band"
 
 
 def _autotuned(kernel):
