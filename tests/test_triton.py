@@ -295,7 +295,7 @@ def test_gpu_torch_compile_fullgraph_traces_into_kernels(variant, dtype):
 _COMPILE_FOR_SM90 = """
 import json
 from sgdc_kernels.triton_ops.sm90 import compile_all
-print(json.dumps(compile_all(kernel_size=7, block_c=64)))
+print(json.dumps(compile_all(layouts=("nchw",))))
 """
 
 

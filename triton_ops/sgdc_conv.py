@@ -242,9 +242,11 @@ def _sgdc_bwd_dx_kernel(
 # for 0 <= q - p < K and 0 elsewhere: one (channels x HALO) @ (HALO x BW) product per halo row.
 # The backward uses the same band: dP[u*K + v, p] = (x_halo^T @ g)[p + v, p], and the gather
 # dx[:, p] = sum_u g_halo_u @ band'_u with band'_u[q, p] = P[u*K + 2R - (q - p)] at the output
-# pixel (i + R - u, j0 - R + q). Products accumulate in fp32. 16-bit operands: x, x_halo and g
-# are exact in their dtype; the fp32 probabilities are split into a 16-bit head and a 16-bit
-# remainder (two products, SPLIT), so they carry about 16 significant bits. fp32 operands use
+# pixel (i + R - u, j0 - R + q). Products accumulate in fp32. 16-bit operands: x and the
+# gradients are exact in their dtype, the fp32 probabilities are rounded to it, which costs the
+# forward and dx about as much as 16-bit storage of the result; the backward's y (it feeds dgate
+# and S below, where dP - S cancels when the softmax is peaked) splits them into a 16-bit head and
+# a 16-bit remainder (two products, SPLIT), about 16 significant bits. fp32 operands use
 # PRECISION ("tf32x3": three tf32 products, close to fp32; "ieee": fp32 FMAs).
 
 
@@ -316,7 +318,7 @@ def _sgdc_fwd_dot_kernel(
     H, W, CG, G,
     sxb, sxc, sxp, skb, skc, skp,
     K: tl.constexpr, HAS_GATE: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     _pid_bh, b, h, i, j0 = _row_segment(H, W, G, BW)
     offs_p, mask_p, d, hcols, hcol_ok = _segment_geometry(H, W, i, j0, K, BW, HALO)
@@ -327,7 +329,7 @@ def _sgdc_fwd_dot_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < CG
         acc = _ungated_rows(x_ptr + head, sxc, sxp, offs_c, mask_c, k_base, skc, skp, i, H, W, d, offs_p, mask_p,
-                            hcols, hcol_ok, lse, K, BW, SPLIT, PRECISION, UPCAST)  # fmt: skip
+                            hcols, hcol_ok, lse, K, BW, False, PRECISION, UPCAST)  # fmt: skip
         if HAS_GATE:
             acc = acc * tl.sigmoid(_load_block(g_ptr + head, offs_c, sxc, offs_p, sxp, mask_c, mask_p))
         here = head + offs_c[:, None] * sxc + offs_p[None, :] * sxp
@@ -396,7 +398,7 @@ def _sgdc_bwd_dx_dot_kernel(
     H, W, CG, G,
     sxb, sxc, sxp, skb, skc, skp,
     K: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Over input segments (row i, columns j0 + p): dx = sum_u g_halo_u @ band'_u, a gather."""
     R: tl.constexpr = K // 2
@@ -417,7 +419,7 @@ def _sgdc_bwd_dx_dot_kernel(
             ok = (d >= 0) & (d < K) & out_ok[:, None]
             band = _prob(k_base + (u * K + 2 * R - d) * skc, opix[:, None], skp, ok, lse[:, None])
             gh = _load_tile(gy_ptr + head, offs_c, sxc, opix, sxp, mask_c, out_ok)
-            acc = _band_dot(gh, band, acc, SPLIT, PRECISION, UPCAST)
+            acc = _band_dot(gh, band, acc, False, PRECISION, UPCAST)
         here = head + offs_c[:, None] * sxc + offs_q[None, :] * sxp
         tl.store(dx_ptr + here, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_q[None, :])
 
@@ -441,11 +443,11 @@ def _blocks(cg: int, hw: int) -> dict:
 def _dot_blocks(cg: int, w: int, kernel_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of the band kernels: segments of BW = 16 pixels (the smallest tl.dot
     side), the halo rounded up to a power of two, the whole head in one channel block up to 64
-    channels; 16-bit inputs split the probabilities in two products, fp32 ones use tf32x3."""
+    channels; fp32 products in tf32x3."""
     blocks = dict(INTERPRET_DOT_BLOCKS) if INTERPRET else {"BW": 16, "BLOCK_C": max(16, min(triton.next_power_of_2(int(cg)), 64))}
     blocks["HALO"] = triton.next_power_of_2(blocks["BW"] + kernel_size - 1)
     fp32 = dtype == torch.float32
-    blocks.update(SPLIT=not fp32, PRECISION="tf32x3" if fp32 else "ieee", UPCAST=INTERPRET and dtype == torch.bfloat16)
+    blocks.update(PRECISION="tf32x3" if fp32 else "ieee", UPCAST=INTERPRET and dtype == torch.bfloat16)
     if not INTERPRET:
         blocks["num_warps"] = 4
     return blocks
@@ -580,7 +582,7 @@ def sgdc_triton_backward(
     if _uses_band(x):
         blocks = _dot_blocks(geo[2], W, kernel_size, x.dtype)
         grid = _segment_grid(x, num_heads)
-        _launch(_sgdc_bwd_dot_kernel, grid, *head_args, lse, *geo, **consts, **blocks)
+        _launch(_sgdc_bwd_dot_kernel, grid, *head_args, lse, *geo, **consts, **blocks, SPLIT=x.dtype != torch.float32)
         _launch(_sgdc_bwd_dx_dot_kernel, grid, *dx_args, K=kernel_size, **blocks)
         return dx, dkernel, dgate
     dp = torch.empty_like(kernel, dtype=torch.float32)
