@@ -22,7 +22,7 @@ import torch
 
 INTS = ["H", "W", "CG", "G", "sxb", "sxc", "sxp", "skb", "skc", "skp"]
 # Static instruction counts, by SASS opcode prefix (each one line of the listing).
-OPCODES = {"STL": r"\bSTL(\.|\s)", "LDG": r"\bLDG\.", "LDS": r"\bLDS(\.|\s)", "LDSM": r"\bLDSM\.", "STS": r"\bSTS(\.|\s)",
+OPCODES = {"STL": r"\bSTL(\.|\s)", "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS\.", "LDS": r"\bLDS(\.|\s)", "LDSM": r"\bLDSM\.", "STS": r"\bSTS(\.|\s)",
            "STG": r"\bSTG\.", "HMMA": r"\bHMMA\.", "HGMMA": r"\bHGMMA\.", "FFMA": r"\bFFMA\b", "MUFU": r"\bMUFU\."}  # fmt: skip
 
 
