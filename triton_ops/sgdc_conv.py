@@ -237,17 +237,19 @@ def _sgdc_bwd_dx_kernel(
 # ---------------------------------------------------------------------------------------------
 #
 # For a segment of BW output pixels of row i and one halo row u (image row i + u - R), the K
-# taps of row u read the HALO >= BW + K - 1 columns j0 - R .. j0 - R + HALO - 1, so
-#     out[:, p] += sum_q x_halo[:, q] * band_u[q, p],   band_u[q, p] = P[u*K + (q - p), p]
-# for 0 <= q - p < K and 0 elsewhere: one (channels x HALO) @ (HALO x BW) product per halo row.
-# The backward uses the same band: dP[u*K + v, p] = (x_halo^T @ g)[p + v, p], and the gather
-# dx[:, p] = sum_u g_halo_u @ band'_u with band'_u[q, p] = P[u*K + 2R - (q - p)] at the output
-# pixel (i + R - u, j0 - R + q). Products accumulate in fp32. 16-bit operands: x and the
-# gradients are exact in their dtype, the fp32 probabilities are rounded to it, which costs the
-# forward and dx about as much as 16-bit storage of the result; the backward's y (it feeds dgate
-# and S below, where dP - S cancels when the softmax is peaked) splits them into a 16-bit head and
-# a 16-bit remainder (two products, SPLIT), about 16 significant bits. fp32 operands use
-# PRECISION ("tf32x3": three tf32 products, close to fp32; "ieee": fp32 FMAs).
+# taps of row u read columns j0 + p - R .. j0 + p + R. The kernels load the HALO = next_pow2(BW +
+# K - 1) columns from j0 - LEFT, LEFT = (HALO - BW) / 2 >= R (aligned, see _segment_geometry), so
+#     out[:, p] += sum_q x_halo[:, q] * band_u[q, p],   band_u[q, p] = P[u*K + d, p],
+# d = q - p - (LEFT - R), for 0 <= d < K and 0 elsewhere: one (channels x HALO) @ (HALO x BW)
+# product per halo row. The backward uses the same band: dP[u*K + v, p] = (x_halo^T @ g)[q, p]
+# at d = v, and the gather dx[:, p] = sum_u g_halo_u @ band'_u with band'_u[q, p] =
+# P[u*K + 2R - d] at the output pixel (i + R - u, j0 - LEFT + q).
+# Products accumulate in fp32. 16-bit operands: x and the gradients are exact in their dtype, the
+# fp32 probabilities are rounded to it, which costs the forward and dx about as much as 16-bit
+# storage of the result; the backward's y (it feeds dgate and S below, where dP - S cancels when
+# the softmax is peaked) splits them into a 16-bit head and a 16-bit remainder (two products,
+# SPLIT), about 16 significant bits. fp32 operands use PRECISION ("tf32x3": three tf32
+# products, close to fp32; "ieee": fp32 FMAs).
 
 
 @triton.jit
@@ -294,12 +296,15 @@ def _band_dot(a, band, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST
 
 @triton.jit
 def _segment_geometry(H, W, i, j0, K: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr):
-    """Flat pixels and mask of the segment, d = q - p (HALO x BW), the halo columns and their
-    in-image mask."""
+    """Flat pixels and mask of the segment, the tap column d = q - p - (LEFT - R) of each band
+    entry (HALO x BW), the halo columns and their in-image mask. The halo starts LEFT =
+    (HALO - BW) / 2 >= R columns left of the segment, a multiple of 8, so that its rows load as
+    aligned vectors in NCHW."""
+    LEFT: tl.constexpr = (HALO - BW) // 2
     cols = j0 + tl.arange(0, BW)
     mask_p = (cols < W) & (i < H)
-    d = tl.arange(0, HALO)[:, None] - tl.arange(0, BW)[None, :]
-    hcols = j0 - K // 2 + tl.arange(0, HALO)
+    d = tl.arange(0, HALO)[:, None] - tl.arange(0, BW)[None, :] - (LEFT - K // 2)
+    hcols = j0 - LEFT + tl.arange(0, HALO)
     return i * W + cols, mask_p, d, hcols, (hcols >= 0) & (hcols < W)
 
 
