@@ -1,21 +1,27 @@
-"""Triton kernels for sgdc_conv (SPEC section 1): forward, backward, and their torch.library ops.
+"""Triton kernels for sgdc_conv (definition and gradients: docs/op.md): forward, backward, and
+their torch.library ops, in two kernel families selected at each call by SGDC_TRITON_VARIANT.
 
 Notation: B batch, C channels, G heads, Cg = C/G channels per head, K odd window, KK = K*K taps,
 R = K//2, HW = H*W pixels. ``p`` is a flattened pixel index i*W + j; tap t = u*K + v reads x at
 pixel (i + u - R, j + v - R), that is at flat offset ``(u - R)*W + (v - R)`` when it is in the image.
 
-Every kernel runs on a 1-D grid of (pixel tile, b*G + h) pairs, pixel tiles fastest; a tile is
-BLOCK_P flat pixels of one batch item and head. A program computes the softmax statistics of its
-pixels once (the log-sum-exp over the KK logits), keeps them in registers, and loops over the
-head's channels in blocks of BLOCK_C; the probability of a tap is recomputed as exp(logit - lse)
-where it is needed, so no K*K-fold tensor ever exists.
+Variants (:data:`VARIANTS`, the first is the default; :func:`kernel_family` maps a variant and a
+dtype to the kernels it runs):
+  - "v2dot16": the band kernels for 16-bit inputs, the taps kernels for float32;
+  - "v2dot": the band kernels for every dtype (float32 products in tf32x3);
+  - "v1": the taps kernels for every dtype.
 
 Memory layout: each tensor is dense, NCHW or channels_last, so the offset of pixel p is ``p * sp``
 with one pixel stride ``sp`` (W's stride, or H's when W == 1). Every kernel takes the (batch,
 channel, pixel) strides of the x-like tensors (x, gate, out, grad_out, dx, dgate, g_y) and of the
 kernel-like ones (kernel, dkernel, dP), so one code path serves both memory formats.
 
-Backward, deterministic (no atomics), in two kernels:
+Taps kernels (v1). A 1-D grid of (pixel tile, b*G + h) pairs, pixel tiles fastest; a tile is
+BLOCK_P flat pixels of one batch item and head. A program computes the softmax statistics of its
+pixels once (the log-sum-exp over the KK logits), keeps them in registers, and loops over the
+head's channels in blocks of BLOCK_C, adding one shifted (BLOCK_C, BLOCK_P) load per tap; the
+probability of a tap is recomputed as exp(logit - lse) where it is needed, so no K*K-fold tensor
+ever exists. Backward, deterministic (no atomics), in two kernels:
   1. ``_sgdc_bwd_taps_kernel``, over output pixels: g_y = dout * sigmoid(gate); for every tap,
      dP[t] = sum_c g_y * x_t (accumulated over channel blocks in an fp32 buffer of kernel's shape,
      owned by the program); y = sum_t P[t] * x_t gives dgate = dout * y * s * (1 - s); then
@@ -23,10 +29,16 @@ Backward, deterministic (no atomics), in two kernels:
      and, when there is a gate, g_y (x's size) for kernel 2.
   2. ``_sgdc_bwd_dx_kernel``, a gather over input pixels q:
      dx[c, q] = sum_t P[t, q - off_t] * g_y[c, q - off_t], with P rebuilt from kernel and the lse.
-
 Block sizes come from :func:`_blocks`, a heuristic on (Cg, HW); with SGDC_TRITON_AUTOTUNE=1 the
-kernels are autotuned instead (once per shape key, cached by triton.autotune). Under
-TRITON_INTERPRET=1 (CPU tensors, for tests) the blocks are small and fixed.
+taps kernels are autotuned instead (once per shape key, cached by triton.autotune).
+
+Band kernels (v2, see the comment above ``_row_segment``): a program owns a segment of BW = 16
+pixels of one image row and one (batch, head); per halo row, one tl.dot of the head's channels'
+halo (channels x HALO) with a band matrix of the probabilities (HALO x BW), which the tensor
+cores run. The backward is again two kernels, but dP stays in registers (no fp32 scratch): the
+first writes dgate, dkernel, the lse and g_y (gated only), the second gathers dx with tl.dot.
+
+Under TRITON_INTERPRET=1 (CPU tensors, for tests) the blocks are small and fixed.
 """
 
 from __future__ import annotations
@@ -51,9 +63,8 @@ INTERPRET_BLOCKS = {"BLOCK_P": 128, "BLOCK_C": 8}
 # The band kernels' smallest legal blocks (tl.dot needs every dimension >= 16).
 INTERPRET_DOT_BLOCKS = {"BW": 16, "BLOCK_C": 16}
 
-# Kernel families, selectable at each call through SGDC_TRITON_VARIANT until a GPU has timed them
-# (the first is the default): "v2dot", the band-matrix kernels (tl.dot) for every dtype;
-# "v2dot16", the band kernels for 16-bit inputs and v1 for float32; "v1", the per-tap kernels.
+# Kernel variants, selectable at each call through SGDC_TRITON_VARIANT until a GPU has timed them;
+# the first, the default, is the one predicted fastest (bench/NOTES_triton.md).
 VARIANTS = ("v2dot16", "v2dot", "v1")
 VARIANT_ENV = "SGDC_TRITON_VARIANT"
 
