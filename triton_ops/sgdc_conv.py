@@ -467,7 +467,7 @@ def _blocks(cg: int, hw: int) -> dict:
     return {"BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": 4}
 
 
-def _dot_blocks(cg: int, w: int, kernel_size: int, dtype: torch.dtype) -> dict:
+def _dot_blocks(cg: int, kernel_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of the band kernels: segments of BW = 16 pixels (the smallest tl.dot
     side), the halo rounded up to a power of two, the whole head in one channel block up to 64
     channels; fp32 products in tf32x3."""
@@ -578,7 +578,7 @@ def sgdc_triton_forward(
     args = (x, kernel, gate if gate is not None else x, out, *geo)
     consts = {"K": kernel_size, "HAS_GATE": gate is not None}
     if _uses_band(x):
-        blocks = _dot_blocks(geo[2], geo[1], kernel_size, x.dtype)
+        blocks = _dot_blocks(geo[2], kernel_size, x.dtype)
         _launch(_sgdc_fwd_dot_kernel, _segment_grid(x, num_heads), *args, **consts, **blocks)
     elif AUTOTUNE:
         _launch(_fwd_tuned, _grid(x, num_heads), *args, **consts)
@@ -607,7 +607,7 @@ def sgdc_triton_backward(
     head_args = (grad_out, x, kernel, gate if gate is not None else x, dkernel, dgate if gate is not None else dx, g_y)
     dx_args = (g_y, kernel, lse, dx, *geo)
     if _uses_band(x):
-        blocks = _dot_blocks(geo[2], W, kernel_size, x.dtype)
+        blocks = _dot_blocks(geo[2], kernel_size, x.dtype)
         grid = _segment_grid(x, num_heads)
         _launch(_sgdc_bwd_dot_kernel, grid, *head_args, lse, *geo, **consts, **blocks, SPLIT=x.dtype != torch.float32)
         _launch(_sgdc_bwd_dx_dot_kernel, grid, *dx_args, K=kernel_size, **blocks)

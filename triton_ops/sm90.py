@@ -35,7 +35,7 @@ def _kernels(m, shape, dtype: str):
     _, C, H, W, G, K = shape
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     taps = {**m._blocks(C // G, H * W), "K": K, "HAS_GATE": True}
-    band = {**m._dot_blocks(C // G, W, K, torch_dtype), "K": K, "HAS_GATE": True, "SPLIT": dtype != "fp32"}
+    band = {**m._dot_blocks(C // G, K, torch_dtype), "K": K, "HAS_GATE": True, "SPLIT": dtype != "fp32"}
     lse, dp = ("lse_ptr", "fp32"), ("dp_ptr", "fp32")
     yield "v1 forward", m._sgdc_fwd_kernel, ["x_ptr", "k_ptr", "g_ptr", "out_ptr"], taps
     yield "v1 backward taps", m._sgdc_bwd_taps_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr", "gy_ptr", dp, lse], taps  # fmt: skip
