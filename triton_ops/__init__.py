@@ -6,9 +6,9 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors through Triton's interpr
 slow: for testing the kernels' logic on machines without a GPU).
 """
 
-from sgdc_kernels.backends import Backend, FLOATING_GPU
-
 import torch
+
+from sgdc_kernels.backends import FLOATING_GPU, Backend
 
 from .sgdc_conv import INTERPRET, sgdc_triton_backward, sgdc_triton_forward
 

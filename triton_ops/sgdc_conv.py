@@ -1,21 +1,27 @@
-"""Triton kernels for sgdc_conv (SPEC section 1): forward, backward, and their torch.library ops.
+"""Triton kernels for sgdc_conv (definition and gradients: docs/op.md): forward, backward, and
+their torch.library ops, in two kernel families selected at each call by SGDC_TRITON_VARIANT.
 
 Notation: B batch, C channels, G heads, Cg = C/G channels per head, K odd window, KK = K*K taps,
 R = K//2, HW = H*W pixels. ``p`` is a flattened pixel index i*W + j; tap t = u*K + v reads x at
 pixel (i + u - R, j + v - R), that is at flat offset ``(u - R)*W + (v - R)`` when it is in the image.
 
-Every kernel runs on a 1-D grid of (pixel tile, b*G + h) pairs, pixel tiles fastest; a tile is
-BLOCK_P flat pixels of one batch item and head. A program computes the softmax statistics of its
-pixels once (the log-sum-exp over the KK logits), keeps them in registers, and loops over the
-head's channels in blocks of BLOCK_C; the probability of a tap is recomputed as exp(logit - lse)
-where it is needed, so no K*K-fold tensor ever exists.
+Variants (:data:`VARIANTS`, the first is the default; :func:`kernel_family` maps a variant and a
+dtype to the kernels it runs):
+  - "v2dot16": the band kernels for 16-bit inputs, the taps kernels for float32;
+  - "v2dot": the band kernels for every dtype (float32 products in tf32x3);
+  - "v1": the taps kernels for every dtype.
 
 Memory layout: each tensor is dense, NCHW or channels_last, so the offset of pixel p is ``p * sp``
 with one pixel stride ``sp`` (W's stride, or H's when W == 1). Every kernel takes the (batch,
 channel, pixel) strides of the x-like tensors (x, gate, out, grad_out, dx, dgate, g_y) and of the
 kernel-like ones (kernel, dkernel, dP), so one code path serves both memory formats.
 
-Backward, deterministic (no atomics), in two kernels:
+Taps kernels (v1). A 1-D grid of (pixel tile, b*G + h) pairs, pixel tiles fastest; a tile is
+BLOCK_P flat pixels of one batch item and head. A program computes the softmax statistics of its
+pixels once (the log-sum-exp over the KK logits), keeps them in registers, and loops over the
+head's channels in blocks of BLOCK_C, adding one shifted (BLOCK_C, BLOCK_P) load per tap; the
+probability of a tap is recomputed as exp(logit - lse) where it is needed, so no K*K-fold tensor
+ever exists. Backward, deterministic (no atomics), in two kernels:
   1. ``_sgdc_bwd_taps_kernel``, over output pixels: g_y = dout * sigmoid(gate); for every tap,
      dP[t] = sum_c g_y * x_t (accumulated over channel blocks in an fp32 buffer of kernel's shape,
      owned by the program); y = sum_t P[t] * x_t gives dgate = dout * y * s * (1 - s); then
@@ -23,16 +29,21 @@ Backward, deterministic (no atomics), in two kernels:
      and, when there is a gate, g_y (x's size) for kernel 2.
   2. ``_sgdc_bwd_dx_kernel``, a gather over input pixels q:
      dx[c, q] = sum_t P[t, q - off_t] * g_y[c, q - off_t], with P rebuilt from kernel and the lse.
-
 Block sizes come from :func:`_blocks`, a heuristic on (Cg, HW); with SGDC_TRITON_AUTOTUNE=1 the
-kernels are autotuned instead (once per shape key, cached by triton.autotune). Under
-TRITON_INTERPRET=1 (CPU tensors, for tests) the blocks are small and fixed.
+taps kernels are autotuned instead (once per shape key, cached by triton.autotune).
+
+Band kernels (v2, see the comment above ``_row_segment``): a program owns a segment of BW = 16
+pixels of one image row and one (batch, head); per halo row, one tl.dot of the head's channels'
+halo (channels x HALO) with a band matrix of the probabilities (HALO x BW), which the tensor
+cores run. The backward is again two kernels, but dP stays in registers (no fp32 scratch): the
+first writes dgate, dkernel, the lse and g_y (gated only), the second gathers dx with tl.dot.
+
+Under TRITON_INTERPRET=1 (CPU tensors, for tests) the blocks are small and fixed.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -49,6 +60,13 @@ AUTOTUNE = os.environ.get("SGDC_TRITON_AUTOTUNE") == "1" and not INTERPRET
 # Fixed blocks under the interpreter: the interpreter pays per program and per loop step, so tiny
 # test shapes fit one tile (tests shrink these to cover several pixel tiles and channel blocks).
 INTERPRET_BLOCKS = {"BLOCK_P": 128, "BLOCK_C": 8}
+# The band kernels' smallest legal blocks (tl.dot needs every dimension >= 16).
+INTERPRET_DOT_BLOCKS = {"BW": 16, "BLOCK_C": 16}
+
+# Kernel variants, selectable at each call through SGDC_TRITON_VARIANT until a GPU has timed them;
+# the first, the default, is the one predicted fastest (bench/NOTES_triton.md).
+VARIANTS = ("v2dot16", "v2dot", "v1")
+VARIANT_ENV = "SGDC_TRITON_VARIANT"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,11 +116,16 @@ def _prob(tap_ptr, pix, skp, mask, lse):
 
 
 @triton.jit
+def _load_tile(ptr, offs_c, sxc, pix, sxp, mask_c, mask_pix):
+    """The (channels, pixels) tile of an x-like tensor at channels offs_c and flat pixels pix, in
+    the tensor's dtype, zero where masked (outside the image)."""
+    return tl.load(ptr + offs_c[:, None] * sxc + pix[None, :] * sxp, mask=mask_c[:, None] & mask_pix[None, :], other=0.0)
+
+
+@triton.jit
 def _load_block(ptr, offs_c, sxc, pix, sxp, mask_c, mask_pix):
-    """The (BLOCK_C, BLOCK_P) tile of an x-like tensor at channels offs_c and flat pixels pix, in
-    fp32, zero where masked (outside the image)."""
-    vals = tl.load(ptr + offs_c[:, None] * sxc + pix[None, :] * sxp, mask=mask_c[:, None] & mask_pix[None, :], other=0.0)
-    return vals.to(tl.float32)
+    """:func:`_load_tile` in fp32."""
+    return _load_tile(ptr, offs_c, sxc, pix, sxp, mask_c, mask_pix).to(tl.float32)
 
 
 @triton.jit
@@ -114,7 +137,7 @@ def _sgdc_fwd_kernel(
 ):  # fmt: skip
     KK: tl.constexpr = K * K
     R: tl.constexpr = K // 2
-    pid_bh, b, h, offs_p, mask_p, i, j = _pixel_tile(H, W, G, BLOCK_P)
+    _pid_bh, b, h, offs_p, mask_p, i, j = _pixel_tile(H, W, G, BLOCK_P)
     k_base = k_ptr + b * skb + h * KK * skc
     lse = _softmax_lse(k_base, skc, skp, offs_p, mask_p, KK, BLOCK_P)
     head = b * sxb + h * CG * sxc
@@ -221,6 +244,214 @@ def _sgdc_bwd_dx_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# v2: band-matrix kernels (tl.dot), one image-row segment of BW pixels per program
+# ---------------------------------------------------------------------------------------------
+#
+# For a segment of BW output pixels of row i and one halo row u (image row i + u - R), the K
+# taps of row u read columns j0 + p - R .. j0 + p + R. The kernels load the HALO = next_pow2(BW +
+# K - 1) columns from j0 - LEFT, LEFT = (HALO - BW) / 2 >= R (aligned, see _segment_geometry), so
+#     out[:, p] += sum_q x_halo[:, q] * band_u[q, p],   band_u[q, p] = P[u*K + d, p],
+# d = q - p - (LEFT - R), for 0 <= d < K and 0 elsewhere: one (channels x HALO) @ (HALO x BW)
+# product per halo row. The backward uses the same band: dP[u*K + v, p] = (x_halo^T @ g)[q, p]
+# at d = v, and the gather dx[:, p] = sum_u g_halo_u @ band'_u with band'_u[q, p] =
+# P[u*K + 2R - d] at the output pixel (i + R - u, j0 - LEFT + q).
+# Products accumulate in fp32. 16-bit operands: x and the gradients are exact in their dtype, the
+# fp32 probabilities are rounded to it, which costs the forward and dx about as much as 16-bit
+# storage of the result; the backward's y (it feeds dgate and S below, where dP - S cancels when
+# the softmax is peaked) splits them into a 16-bit head and a 16-bit remainder (two products,
+# SPLIT), about 16 significant bits. fp32 operands use PRECISION ("tf32x3": three tf32
+# products, close to fp32; "ieee": fp32 FMAs).
+
+
+@triton.jit
+def _segment_lse(k_base, skc, skp, offs_p, mask_p, KK: tl.constexpr, BW: tl.constexpr):
+    """log(sum_t exp(logit_t)) of the segment's BW pixels from one (taps x BW) tile: a few loads
+    and two reductions per thread, instead of KK dependent steps of :func:`_softmax_lse`."""
+    taps = tl.arange(0, triton.next_power_of_2(KK))[:, None]
+    logit = tl.load(k_base + taps * skc + offs_p[None, :] * skp, mask=(taps < KK) & mask_p[None, :], other=0.0)
+    logit = tl.where(taps < KK, logit.to(tl.float32), float("-inf"))
+    m = tl.max(logit, axis=0)
+    return m + tl.log(tl.sum(tl.exp(logit - m[None, :]), axis=0))
+
+
+@triton.jit
+def _row_segment(H, W, G, BW: tl.constexpr):
+    """This program's (b*G + h, b, h, row i, first column j0); segments fastest, then rows."""
+    segs = tl.cdiv(W, BW)
+    per_head = H * segs
+    pid_bh = tl.program_id(0) // per_head
+    rest = tl.program_id(0) % per_head
+    return pid_bh, (pid_bh // G).to(tl.int64), pid_bh % G, rest // segs, (rest % segs) * BW
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (fp32 accumulator). UPCAST (bf16 under the interpreter only, whose tl.dot
+    multiplies bf16 operands as their raw 16-bit integers) multiplies the same values in fp32,
+    where products of bf16 numbers are exact, as on the tensor cores."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _band_dot(a, band, acc, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ band, with ``band`` (fp32) cast to a's dtype, plus its rounding remainder when
+    SPLIT (16-bit a)."""
+    head = band.to(a.dtype)
+    acc = _mma(a, head, acc, PRECISION, UPCAST)
+    if SPLIT:
+        acc = _mma(a, (band - head.to(tl.float32)).to(a.dtype), acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _segment_geometry(H, W, i, j0, K: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr):
+    """Flat pixels and mask of the segment, the tap column d = q - p - (LEFT - R) of each band
+    entry (HALO x BW), the halo columns and their in-image mask. The halo starts LEFT =
+    (HALO - BW) / 2 >= R columns left of the segment, a multiple of 8, so that its rows load as
+    aligned vectors in NCHW."""
+    LEFT: tl.constexpr = (HALO - BW) // 2
+    cols = j0 + tl.arange(0, BW)
+    mask_p = (cols < W) & (i < H)
+    d = tl.arange(0, HALO)[:, None] - tl.arange(0, BW)[None, :] - (LEFT - K // 2)
+    hcols = j0 - LEFT + tl.arange(0, HALO)
+    return i * W + cols, mask_p, d, hcols, (hcols >= 0) & (hcols < W)
+
+
+@triton.jit
+def _forward_band(k_base, skc, skp, u, d, offs_p, mask_p, lse, K: tl.constexpr):
+    """band_u (HALO x BW, fp32) of the segment's output pixels."""
+    return _prob(k_base + (u * K + d) * skc, offs_p[None, :], skp, (d >= 0) & (d < K) & mask_p[None, :], lse[None, :])
+
+
+@triton.jit
+def _ungated_rows(x_head, sxc, sxp, offs_c, mask_c, k_base, skc, skp, i, H, W, d, offs_p, mask_p, hcols, hcol_ok, lse,
+                  K: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """y = sum_t P[t] * x_t for the channels offs_c of the segment (BLOCK_C x BW, fp32)."""
+    R: tl.constexpr = K // 2
+    acc = tl.zeros([offs_c.shape[0], BW], tl.float32)
+    for u in range(K):
+        row = i + u - R
+        xh = _load_tile(x_head, offs_c, sxc, row * W + hcols, sxp, mask_c, hcol_ok & (row >= 0) & (row < H))
+        band = _forward_band(k_base, skc, skp, u, d, offs_p, mask_p, lse, K)
+        acc = _band_dot(xh, band, acc, SPLIT, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _sgdc_fwd_dot_kernel(
+    x_ptr, k_ptr, g_ptr, out_ptr,
+    H, W, CG, G,
+    sxb, sxc, sxp, skb, skc, skp,
+    K: tl.constexpr, HAS_GATE: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    _pid_bh, b, h, i, j0 = _row_segment(H, W, G, BW)
+    offs_p, mask_p, d, hcols, hcol_ok = _segment_geometry(H, W, i, j0, K, BW, HALO)
+    k_base = k_ptr + b * skb + h * K * K * skc
+    lse = _segment_lse(k_base, skc, skp, offs_p, mask_p, K * K, BW)
+    head = b * sxb + h * CG * sxc
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < CG
+        acc = _ungated_rows(x_ptr + head, sxc, sxp, offs_c, mask_c, k_base, skc, skp, i, H, W, d, offs_p, mask_p,
+                            hcols, hcol_ok, lse, K, BW, False, PRECISION, UPCAST)  # fmt: skip
+        if HAS_GATE:
+            acc = acc * tl.sigmoid(_load_block(g_ptr + head, offs_c, sxc, offs_p, sxp, mask_c, mask_p))
+        here = head + offs_c[:, None] * sxc + offs_p[None, :] * sxp
+        tl.store(out_ptr + here, acc.to(out_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+@triton.jit
+def _sgdc_bwd_dot_kernel(
+    dout_ptr, x_ptr, k_ptr, g_ptr, dk_ptr, dg_ptr, gy_ptr, lse_ptr,
+    H, W, CG, G,
+    sxb, sxc, sxp, skb, skc, skp,
+    K: tl.constexpr, HAS_GATE: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Over output segments: dgate, dkernel, the lse and (gated) g_y = dout * sigmoid(gate),
+    rounded to x's dtype; dP stays in registers, one (HALO x BW) band per halo row."""
+    R: tl.constexpr = K // 2
+    pid_bh, b, h, i, j0 = _row_segment(H, W, G, BW)
+    offs_p, mask_p, d, hcols, hcol_ok = _segment_geometry(H, W, i, j0, K, BW, HALO)
+    k_off = b * skb + h * K * K * skc  # shared by kernel and dkernel
+    lse = _segment_lse(k_ptr + k_off, skc, skp, offs_p, mask_p, K * K, BW)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * H * W + offs_p, lse, mask=mask_p)
+    head = b * sxb + h * CG * sxc
+
+    # Pass 1, per channel block: y (the ungated forward), g, dgate, and S = sum_c g * y, which is
+    # sum_t P[t] * dP[t] of the softmax backward (P is zero off the band).
+    s_pdp = tl.zeros([BW], tl.float32)
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < CG
+        y = _ungated_rows(x_ptr + head, sxc, sxp, offs_c, mask_c, k_ptr + k_off, skc, skp, i, H, W, d, offs_p, mask_p,
+                          hcols, hcol_ok, lse, K, BW, SPLIT, PRECISION, UPCAST)  # fmt: skip
+        dout = _load_block(dout_ptr + head, offs_c, sxc, offs_p, sxp, mask_c, mask_p)
+        here = head + offs_c[:, None] * sxc + offs_p[None, :] * sxp
+        mask = mask_c[:, None] & mask_p[None, :]
+        if HAS_GATE:
+            sg = tl.sigmoid(_load_block(g_ptr + head, offs_c, sxc, offs_p, sxp, mask_c, mask_p))
+            g_y = (dout * sg).to(gy_ptr.dtype.element_ty)
+            tl.store(gy_ptr + here, g_y, mask=mask)
+            tl.store(dg_ptr + here, (dout * y * sg * (1.0 - sg)).to(dg_ptr.dtype.element_ty), mask=mask)
+            s_pdp += tl.sum(g_y.to(tl.float32) * y, axis=0)
+        else:
+            s_pdp += tl.sum(dout * y, axis=0)
+    tl.debug_barrier()  # g_y written by every thread before it is read back
+
+    # Pass 2, per halo row u: dP band = x_halo^T @ g over the channels; dkernel = P * (dP - S).
+    for u in range(K):
+        row = i + u - R
+        row_ok = hcol_ok & (row >= 0) & (row < H)
+        dp = tl.zeros([HALO, BW], tl.float32)
+        for c0 in range(0, CG, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < CG
+            xh = _load_tile(x_ptr + head, offs_c, sxc, row * W + hcols, sxp, mask_c, row_ok)
+            g_y = _load_tile(gy_ptr + head, offs_c, sxc, offs_p, sxp, mask_c, mask_p)
+            dp = _mma(tl.trans(xh), g_y.to(xh.dtype), dp, PRECISION, UPCAST)
+        in_band = (d >= 0) & (d < K) & mask_p[None, :]
+        band = _forward_band(k_ptr + k_off, skc, skp, u, d, offs_p, mask_p, lse, K)
+        dk = band * (dp - s_pdp[None, :])
+        tl.store(dk_ptr + k_off + (u * K + d) * skc + offs_p[None, :] * skp, dk.to(dk_ptr.dtype.element_ty), mask=in_band)
+
+
+@triton.jit
+def _sgdc_bwd_dx_dot_kernel(
+    gy_ptr, k_ptr, lse_ptr, dx_ptr,
+    H, W, CG, G,
+    sxb, sxc, sxp, skb, skc, skp,
+    K: tl.constexpr, BW: tl.constexpr, HALO: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Over input segments (row i, columns j0 + p): dx = sum_u g_halo_u @ band'_u, a gather."""
+    R: tl.constexpr = K // 2
+    pid_bh, b, h, i, j0 = _row_segment(H, W, G, BW)
+    offs_q, mask_q, d, hcols, hcol_ok = _segment_geometry(H, W, i, j0, K, BW, HALO)
+    k_base = k_ptr + b * skb + h * K * K * skc
+    lse_base = lse_ptr + pid_bh.to(tl.int64) * H * W
+    head = b * sxb + h * CG * sxc
+    for c0 in range(0, CG, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < CG
+        acc = tl.zeros([BLOCK_C, BW], tl.float32)
+        for u in range(K):
+            row = i + R - u  # the output row whose tap row u reads row i
+            out_ok = hcol_ok & (row >= 0) & (row < H)
+            opix = row * W + hcols
+            lse = tl.load(lse_base + opix, mask=out_ok, other=0.0)
+            ok = (d >= 0) & (d < K) & out_ok[:, None]
+            band = _prob(k_base + (u * K + 2 * R - d) * skc, opix[:, None], skp, ok, lse[:, None])
+            gh = _load_tile(gy_ptr + head, offs_c, sxc, opix, sxp, mask_c, out_ok)
+            acc = _band_dot(gh, band, acc, False, PRECISION, UPCAST)
+        here = head + offs_c[:, None] * sxc + offs_q[None, :] * sxp
+        tl.store(dx_ptr + here, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_q[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
 # Block sizes
 # ---------------------------------------------------------------------------------------------
 
@@ -234,6 +465,36 @@ def _blocks(cg: int, hw: int) -> dict:
     block_c = min(triton.next_power_of_2(cg), 32)
     block_p = max(32, min(4096 // block_c, triton.next_power_of_2(hw), 256))
     return {"BLOCK_P": block_p, "BLOCK_C": block_c, "num_warps": 4}
+
+
+def _dot_blocks(cg: int, kernel_size: int, dtype: torch.dtype) -> dict:
+    """Launch parameters of the band kernels: segments of BW = 16 pixels (the smallest tl.dot
+    side), the halo rounded up to a power of two, the whole head in one channel block up to 64
+    channels; fp32 products in tf32x3."""
+    blocks = dict(INTERPRET_DOT_BLOCKS) if INTERPRET else {"BW": 16, "BLOCK_C": max(16, min(triton.next_power_of_2(int(cg)), 64))}
+    blocks["HALO"] = triton.next_power_of_2(blocks["BW"] + kernel_size - 1)
+    fp32 = dtype == torch.float32
+    blocks.update(PRECISION="tf32x3" if fp32 else "ieee", UPCAST=INTERPRET and dtype == torch.bfloat16)
+    if not INTERPRET:
+        blocks["num_warps"] = 4
+    return blocks
+
+
+def variant() -> str:
+    """The kernel family named by SGDC_TRITON_VARIANT (read at each call), by default VARIANTS[0]."""
+    name = os.environ.get(VARIANT_ENV) or VARIANTS[0]
+    if name not in VARIANTS:
+        raise ValueError(f"{VARIANT_ENV}={name!r} is not a triton kernel variant; expected one of {', '.join(VARIANTS)}")
+    return name
+
+
+def kernel_family(name: str, dtype: torch.dtype) -> str:
+    """The kernels variant ``name`` runs on inputs of ``dtype``: "band" (v2) or "taps" (v1)."""
+    return "band" if name == "v2dot" or (name == "v2dot16" and dtype != torch.float32) else "taps"
+
+
+def _uses_band(x: Tensor) -> bool:
+    return kernel_family(variant(), x.dtype) == "band"
 
 
 def _autotuned(kernel):
@@ -296,6 +557,11 @@ def _grid(x: Tensor, num_heads: int):
     return lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]) * B * num_heads,)
 
 
+def _segment_grid(x: Tensor, num_heads: int):
+    B, _, H, W = x.shape
+    return lambda meta: (triton.cdiv(W, meta["BW"]) * H * B * num_heads,)
+
+
 # ---------------------------------------------------------------------------------------------
 # Operators
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +569,7 @@ def _grid(x: Tensor, num_heads: int):
 
 @triton_op("sgdc::triton_forward", mutates_args=())
 def sgdc_triton_forward(
-    x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
+    x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int
 ) -> Tensor:
     out = torch.empty_like(x)
     if out.numel() == 0:
@@ -311,7 +577,10 @@ def sgdc_triton_forward(
     geo = _geometry(x, kernel, num_heads)
     args = (x, kernel, gate if gate is not None else x, out, *geo)
     consts = {"K": kernel_size, "HAS_GATE": gate is not None}
-    if AUTOTUNE:
+    if _uses_band(x):
+        blocks = _dot_blocks(geo[2], kernel_size, x.dtype)
+        _launch(_sgdc_fwd_dot_kernel, _segment_grid(x, num_heads), *args, **consts, **blocks)
+    elif AUTOTUNE:
         _launch(_fwd_tuned, _grid(x, num_heads), *args, **consts)
     else:
         blocks = _blocks(geo[2], geo[0] * geo[1])
@@ -321,7 +590,7 @@ def sgdc_triton_forward(
 
 @triton_op("sgdc::triton_backward", mutates_args=())
 def sgdc_triton_backward(
-    grad_out: Tensor, x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
+    grad_out: Tensor, x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     dx = torch.empty_like(x)
@@ -331,20 +600,27 @@ def sgdc_triton_backward(
         return dx, dkernel, dgate
     B, _, H, W = x.shape
     geo = _geometry(x, kernel, num_heads)
-    # Scratch: dP (fp32, kernel's shape and strides), the per-pixel log-sum-exp, and g_y when gated.
-    dp = torch.empty_like(kernel, dtype=torch.float32)
+    # Scratch: the per-pixel log-sum-exp, g_y when gated, and for v1 dP (fp32, kernel's shape).
     lse = torch.empty((B * num_heads, H * W), dtype=torch.float32, device=x.device)
     g_y = torch.empty_like(x) if gate is not None else grad_out
-    taps_args = (grad_out, x, kernel, gate if gate is not None else x, dkernel,
-                 dgate if gate is not None else dx, g_y, dp, lse, *geo)  # fmt: skip
+    consts = {"K": kernel_size, "HAS_GATE": gate is not None}
+    head_args = (grad_out, x, kernel, gate if gate is not None else x, dkernel, dgate if gate is not None else dx, g_y)
     dx_args = (g_y, kernel, lse, dx, *geo)
+    if _uses_band(x):
+        blocks = _dot_blocks(geo[2], kernel_size, x.dtype)
+        grid = _segment_grid(x, num_heads)
+        _launch(_sgdc_bwd_dot_kernel, grid, *head_args, lse, *geo, **consts, **blocks, SPLIT=x.dtype != torch.float32)
+        _launch(_sgdc_bwd_dx_dot_kernel, grid, *dx_args, K=kernel_size, **blocks)
+        return dx, dkernel, dgate
+    dp = torch.empty_like(kernel, dtype=torch.float32)
+    taps_args = (*head_args, dp, lse, *geo)
     grid = _grid(x, num_heads)
     if AUTOTUNE:
-        _launch(_taps_tuned, grid, *taps_args, K=kernel_size, HAS_GATE=gate is not None)
+        _launch(_taps_tuned, grid, *taps_args, **consts)
         _launch(_dx_tuned, grid, *dx_args, K=kernel_size)
     else:
         blocks = _blocks(geo[2], H * W)
-        _launch(_sgdc_bwd_taps_kernel, grid, *taps_args, K=kernel_size, HAS_GATE=gate is not None, **blocks)
+        _launch(_sgdc_bwd_taps_kernel, grid, *taps_args, **consts, **blocks)
         _launch(_sgdc_bwd_dx_kernel, grid, *dx_args, K=kernel_size, **blocks)
     return dx, dkernel, dgate
 
