@@ -1,4 +1,4 @@
-"""Pure PyTorch implementations of sgdc_conv (SPEC section 1).
+"""Pure PyTorch implementations of sgdc_conv (definition: docs/op.md).
 
 Two formulations live here, and nowhere else:
 
@@ -86,7 +86,7 @@ def shift_backward(
     kernel_size: int,
     num_heads: int,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Gradients of :func:`shift_forward` by the formulas of SPEC section 1, one tap at a time.
+    """Gradients of :func:`shift_forward` by the formulas of docs/op.md, one tap at a time.
 
     Peak extra memory is a few tensors of the size of ``x`` (fp32) plus one of the size of
     ``kernel``; the ``K*K``-fold unfold is never built.

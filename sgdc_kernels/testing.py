@@ -13,9 +13,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .backends import get_backend, memory_format_of
+from .backends import memory_format_of
 from .ops import sgdc_conv
 from .reference import unfold_forward
+from .registry import get_backend
 
 Tensor = torch.Tensor
 
@@ -49,7 +50,9 @@ def make_inputs(
     return make(C), make(G * K * K, scale), (make(C) if gate else None)
 
 
-def forward_backward(fn: Callable, tensors, grad_out: Tensor):
+def forward_backward(
+    fn: Callable[..., Tensor], tensors: Sequence[Optional[Tensor]], grad_out: Tensor
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``fn(*leaves)`` and the gradients of ``<fn(...), grad_out>`` for leaves made from ``tensors``
     (``detach`` keeps their strides; a None stays None and gets no gradient)."""
     leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
@@ -57,7 +60,7 @@ def forward_backward(fn: Callable, tensors, grad_out: Tensor):
     return out, torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
 
 
-def oracle(kernel_size: int, num_heads: int) -> Callable:
+def oracle(kernel_size: int, num_heads: int) -> Callable[..., Tensor]:
     """The paper's formulation in float64; its gradients come from autograd."""
 
     def fn(x, kernel, gate):
@@ -67,7 +70,7 @@ def oracle(kernel_size: int, num_heads: int) -> Callable:
     return fn
 
 
-def backend_fn(backend: str, kernel_size: int, num_heads: int) -> Callable:
+def backend_fn(backend: str, kernel_size: int, num_heads: int) -> Callable[..., Tensor]:
     return lambda x, k, g: sgdc_conv(x, k, g, kernel_size=kernel_size, num_heads=num_heads, backend=backend)
 
 
@@ -91,7 +94,9 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str
     )
 
 
-def check_tensors(backend: str, tensors, kernel_size: int, num_heads: int) -> None:
+def check_tensors(
+    backend: str, tensors: Sequence[Optional[Tensor]], kernel_size: int, num_heads: int
+) -> None:
     """``backend`` on these very tensors (any strides) against the oracle: forward and every
     gradient, and results laid out like ``torch.empty_like`` of the inputs in ``x``'s memory
     format (the gradients of ``unfold`` are autograd's, whatever their layout)."""
