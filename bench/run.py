@@ -34,12 +34,18 @@ import subprocess
 import sys
 import time
 
-import torch
+# OpenMP threads that spin between parallel regions (the default) turn any other busy process
+# into huge, random delays for backends made of many small ops (`torch` runs a few per tap, K*K
+# taps): measured on a shared 2-core machine, its forward took 23 to 660 ms from run to run with
+# spinning threads, 20 to 27 ms with sleeping ones. Set before torch loads the OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import sgdc_kernels
-from sgdc_kernels import available_backends, registry, sgdc_conv, testing
-from sgdc_kernels.reference import shift_forward
-from sgdc_kernels.registry import get_backend, parse_backend
+import torch  # noqa: E402
+
+import sgdc_kernels  # noqa: E402
+from sgdc_kernels import available_backends, registry, sgdc_conv, testing  # noqa: E402
+from sgdc_kernels.reference import shift_forward  # noqa: E402
+from sgdc_kernels.registry import get_backend, parse_backend  # noqa: E402
 
 PEER = "torch.compile(shift)"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -413,13 +419,14 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "timing": {"warmup_s": timing.warmup_s, "time_s": timing.time_s, "min_iters": timing.min_iters},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
     }
     if gpu:
         meta["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
-    print(f"# {meta['device']}, torch {meta['torch']}, sgdc-kernels {meta['sgdc_kernels']}, {meta['threads']} threads"
+    print(f"# {meta['device']}, torch {meta['torch']}, sgdc-kernels {meta['sgdc_kernels']}, {meta['threads']} threads (OMP_WAIT_POLICY={meta['OMP_WAIT_POLICY']})"
           + (f", copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s" if gpu else ""), flush=True)  # fmt: skip
 
     rows = []
@@ -457,13 +464,14 @@ def main(argv=None) -> int:
             print(table.line(row), flush=True)
 
     noisy = [
-        f"{r['shape']} {r['dtype']} {r['layout']} {r['backend']} {k.replace('fwdbwd', 'fwd+bwd')} ({100 * spread(_stats(r, k)):.0f}%)"
+        f"  {r['shape']} {r['dtype']} {r['layout']} {r['backend']} {k.replace('fwdbwd', 'fwd+bwd')}: {100 * spread(_stats(r, k)):.0f}%"
         for r in rows if "error" not in r for k in ("fwd", "fwdbwd") if spread(_stats(r, k)) > SPREAD_WARN
     ]  # fmt: skip
     if noisy:
-        print(f"\nwarning: interquartile range above {100 * SPREAD_WARN:.0f}% of the median in: " + "; ".join(noisy)
-              + ". The machine is probably busy: these times are not trustworthy; rerun on a quiet machine, "
-              "with a longer --time, or with fewer --threads.", file=sys.stderr, flush=True)  # fmt: skip
+        print(f"\nwarning: the interquartile range exceeds {100 * SPREAD_WARN:.0f}% of the median in {len(noisy)} "
+              "measurements; the machine was probably busy and these times are not trustworthy (rerun on a quiet "
+              "machine, with a longer --time, or with fewer --threads):\n" + "\n".join(noisy),
+              file=sys.stderr, flush=True)  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)

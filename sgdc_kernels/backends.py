@@ -133,19 +133,3 @@ def define_ops(name: str, forward_impl: Callable, backward_impl: Callable) -> tu
     )
     register_ops(fwd, bwd)
     return fwd, bwd
-
-
-# The registry used to live in this module; code that imports its functions from here keeps
-# working (new code: ``sgdc_kernels`` or ``sgdc_kernels.registry``). Resolved on first access, so
-# importing this module still imports nothing else from the package.
-_MOVED_TO_REGISTRY = frozenset(
-    {"BACKEND_NAMES", "available_backends", "get_backend", "unavailable_reason", "resolve_backend", "forward_op"}
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_REGISTRY:
-        from . import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

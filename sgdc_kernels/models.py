@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends import get_backend
+from .registry import get_backend
 from .modules import SGDC, SGE, ConvBNReLU
 
 Tensor = torch.Tensor
