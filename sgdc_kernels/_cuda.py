@@ -63,10 +63,15 @@ def torch_mismatch() -> Optional[str]:
     )
 
 
+def _find_extension():
+    """The import spec of ``sgdc_kernels._C`` (found, not loaded), or None."""
+    return importlib.util.find_spec("sgdc_kernels._C")
+
+
 def _import_extension():
     """Import ``sgdc_kernels._C`` (which registers the sgdc::cuda_* operators, then calls
     _register()); ImportError with the reason when it is missing or built for another torch."""
-    if importlib.util.find_spec("sgdc_kernels._C") is None:
+    if _find_extension() is None:
         note = _layout.shadowed_install_note()
         raise ImportError(note or "sgdc_kernels._C is not built")
     mismatch = torch_mismatch()
