@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import sgdc_kernels
 from sgdc_kernels import SGDC, SGE, get_backend, info, registry, sgdc_conv, unavailable_reason
 from sgdc_kernels.backends import FLOATING_ALL, Backend
+from sgdc_kernels.reference import unfold_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "sgdc_kernels")
@@ -55,36 +55,18 @@ def test_sge_takes_no_backend():
 # Kernel variants, with a fake backend (no GPU needed)
 # ------------------------------------------------------------------------------------------------
 
-ENV = "SGDC_FAKE_VARIANT"
-
-
-def _fake_forward(x, kernel, gate, kernel_size, num_heads):
-    _fake_forward.seen.append(os.environ.get(ENV))
-    return sgdc_kernels.reference.unfold_forward(x, kernel, gate, kernel_size, num_heads)
-
-
-_fake_forward.seen = []
-
-
-@pytest.fixture
-def fake_variants(monkeypatch):
-    """Backend 'torch' replaced, for one test, by one with variants v1 (default) and v2."""
-    fake = Backend("torch", _fake_forward, None, frozenset({"cpu"}), FLOATING_ALL, "fake", ("v1", "v2"), ENV)
-    monkeypatch.setitem(registry._LOADED, "torch", fake)
-    monkeypatch.delenv(ENV, raising=False)
-    _fake_forward.seen.clear()
-    return fake
+ENV = "SGDC_FAKE_VARIANT"  # the fake_variants fixture's (tests/conftest.py)
 
 
 def test_variants_need_an_environment_variable():
     with pytest.raises(ValueError, match="variants need a variant_env"):
-        Backend("x", _fake_forward, None, frozenset({"cpu"}), FLOATING_ALL, "x", ("a",))
+        Backend("x", unfold_forward, None, frozenset({"cpu"}), FLOATING_ALL, "x", ("a",))
 
 
 def test_the_first_variant_is_the_default(fake_variants, monkeypatch):
-    assert registry.selected_variant(fake_variants) == "v1"
+    assert registry.selected_variant(fake_variants.backend) == "v1"
     monkeypatch.setenv(ENV, "v2")
-    assert registry.selected_variant(fake_variants) == "v2"
+    assert registry.selected_variant(fake_variants.backend) == "v2"
     assert registry.selected_variant(get_backend("unfold")) is None
 
 
