@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check of the `cuda` backend in one command (issue 3), for an H100/H200 machine
+# The whole GPU check of the `cuda` backend in one command, for an H100/H200 machine
 # with a CUDA toolkit, compute-sanitizer and torch installed (no network needed):
 #
 #   bash bench/gpu_check.sh          # from the repository root; logs and results in ${OUT:-bench/out}

@@ -29,10 +29,9 @@ def _seed():
 
 @pytest.fixture(scope="session", autouse=True)
 def _run_outside_the_checkout(tmp_path_factory):
-    """Tests start from an empty folder: `python -m sgdc_kernels...` and `python -c` in a
-    subprocess put the working directory first on sys.path, and from the repository root they
-    would import the source tree instead of the installed package (which has the compiled
-    extension and sgdc_kernels.triton_ops)."""
+    """Tests start from an empty folder, so that `python -m sgdc_kernels...` and `python -c` in a
+    subprocess import the package as a program elsewhere does (the working directory comes first
+    on sys.path); tests/test_readme.py runs the README's commands from the repository root."""
     here = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
