@@ -87,4 +87,10 @@ def cuda_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"sgdc_kernels": ["py.typed"]},  # the public API is typed (PEP 561)
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -73,7 +73,7 @@ def describe() -> str:
     installed = installed_copy()
     here = os.path.realpath(PACKAGE_DIR)
     if checkout_root() is None:
-        kind = "installed" if installed == here else f"found on sys.path; the installed copy is {installed}"
+        kind = "installed, not editable" if installed == here else f"found on sys.path; the installed copy is {installed}"
     elif installed == here:
         kind = "source checkout, editable install"
     elif installed is None:

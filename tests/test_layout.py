@@ -71,7 +71,7 @@ def test_describe_an_editable_and_a_regular_install(tmp_path, monkeypatch):
     site = _fake_install(tmp_path)
     monkeypatch.setattr(_layout, "PACKAGE_DIR", site)
     monkeypatch.setattr(_layout, "installed_copy", lambda: site)
-    assert _layout.describe() == f"{site} (installed)"
+    assert _layout.describe() == f"{site} (installed, not editable)"
 
 
 def test_auto_warns_once_when_it_skips_a_shadowed_extension(monkeypatch):
