@@ -150,7 +150,7 @@ def test_unavailable_backend_says_why():
 
 
 def test_auto_picks_torch_on_cpu():
-    from sgdc_kernels.backends import resolve_backend
+    from sgdc_kernels.registry import resolve_backend
 
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         assert resolve_backend("auto", "cpu", dtype) == "torch"

@@ -41,6 +41,9 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(_python(args), cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+_HELP: dict[str, subprocess.CompletedProcess] = {}  # module -> its --help run, once per module
+
+
 def _extension_line(cwd: str) -> str:
     out = subprocess.run([sys.executable, "-m", "sgdc_kernels.info"], cwd=cwd, capture_output=True, text=True, check=True)
     return next(line for line in out.stdout.splitlines() if line.startswith("extension"))
@@ -65,7 +68,9 @@ def test_readme_command_from_the_repository_root(command, tmp_path):
     elif args[1] == "-m":
         # an application entry point (paths in its arguments are placeholders): it must import and
         # parse its arguments from the root
-        proc = _run(args[:3] + ["--help"])
+        if args[2] not in _HELP:
+            _HELP[args[2]] = _run(args[:3] + ["--help"])
+        proc = _HELP[args[2]]
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "usage:" in proc.stdout
     else:
