@@ -223,6 +223,8 @@ def time_case(backend, shape, dtype, layout, device, timing: Timing, memory: boo
             torch.cuda.synchronize()
             row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return row
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU peak memory: one fresh process per case
 # ------------------------------------------------------------------------------------------------
@@ -355,16 +357,29 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", help="comma-separated backends, each optionally name@variant or name@all "
                         f"(default: all available, plus the compiled peer on GPU); '{PEER}' names the compiled "
                         "shift-and-accumulate peer")  # fmt: skip
-    parser.add_argument("--dtypes", help="comma-separated: float32,float16,bfloat16,float64 (default GPU: float32,bfloat16; CPU: float32)")
+    parser.add_argument(
+        "--dtypes",
+        help="comma-separated: float32,float16,bfloat16,float64 (default GPU: float32,bfloat16; CPU: float32)",
+    )
     parser.add_argument("--shapes", help="comma-separated BxCxHxWxGxK (default depends on the device)")
     parser.add_argument("--layouts", default="nchw", help="comma-separated: nchw,channels_last (default nchw)")
-    parser.add_argument("--warmup-time", type=float, default=None, help="seconds of warm-up per measurement (default GPU 0.2, CPU 0.5)")
-    parser.add_argument("--time", type=float, default=None, help="seconds of timed calls per measurement (default GPU 0.5, CPU 1.5)")
-    parser.add_argument("--min-iters", type=int, default=None, help="fewest timed calls per measurement (default GPU 20, CPU 5)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads; default: torch's)")
+    parser.add_argument(
+        "--warmup-time", type=float, default=None, help="seconds of warm-up per measurement (default GPU 0.2, CPU 0.5)"
+    )
+    parser.add_argument(
+        "--time", type=float, default=None, help="seconds of timed calls per measurement (default GPU 0.5, CPU 1.5)"
+    )
+    parser.add_argument(
+        "--min-iters", type=int, default=None, help="fewest timed calls per measurement (default GPU 20, CPU 5)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads; default: torch's)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} peer")
-    parser.add_argument("--out", default="bench/out/results.json", help="JSON output path (default bench/out/results.json)")
+    parser.add_argument(
+        "--out", default="bench/out/results.json", help="JSON output path (default bench/out/results.json)"
+    )
     parser.add_argument("--train-step", action="store_true",
                         help="then time a full SGD-Net training step per backend (bench/train_step.py, needs "
                         "the 'train' extra); its JSON goes beside --out as *_train_step.json")  # fmt: skip
@@ -392,7 +407,9 @@ def main(argv=None) -> int:
         args.min_iters or (20 if gpu else 5),
     )
     try:
-        shapes = [parse_shape(s) for s in (args.shapes.split(",") if args.shapes else (GPU_SHAPES if gpu else CPU_SHAPES))]
+        shapes = [
+            parse_shape(s) for s in (args.shapes.split(",") if args.shapes else (GPU_SHAPES if gpu else CPU_SHAPES))
+        ]
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(f"--shapes: {exc}")
     dtype_names = args.dtypes.split(",") if args.dtypes else (["float32", "bfloat16"] if gpu else ["float32"])
@@ -417,7 +434,9 @@ def main(argv=None) -> int:
     meta = {
         "sgdc_kernels": sgdc_kernels.__version__,
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name()
+        if gpu
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "threads": torch.get_num_threads(),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
         "timing": {"warmup_s": timing.warmup_s, "time_s": timing.time_s, "min_iters": timing.min_iters},
@@ -426,8 +445,11 @@ def main(argv=None) -> int:
     }
     if gpu:
         meta["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
-    print(f"# {meta['device']}, torch {meta['torch']}, sgdc-kernels {meta['sgdc_kernels']}, {meta['threads']} threads (OMP_WAIT_POLICY={meta['OMP_WAIT_POLICY']})"
-          + (f", copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s" if gpu else ""), flush=True)  # fmt: skip
+    header = f"# {meta['device']}, torch {meta['torch']}, sgdc-kernels {meta['sgdc_kernels']}, "
+    header += f"{meta['threads']} threads (OMP_WAIT_POLICY={meta['OMP_WAIT_POLICY']})"
+    if gpu:
+        header += f", copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s"
+    print(header, flush=True)
 
     rows = []
     cases = [(shape, d, layout) for shape in shapes for d in dtype_names for layout in layouts]
@@ -464,7 +486,8 @@ def main(argv=None) -> int:
             print(table.line(row), flush=True)
 
     noisy = [
-        f"  {r['shape']} {r['dtype']} {r['layout']} {r['backend']} {k.replace('fwdbwd', 'fwd+bwd')}: {100 * spread(_stats(r, k)):.0f}%"
+        f"  {r['shape']} {r['dtype']} {r['layout']} {r['backend']} {k.replace('fwdbwd', 'fwd+bwd')}: "
+        f"{100 * spread(_stats(r, k)):.0f}%"
         for r in rows if "error" not in r for k in ("fwd", "fwdbwd") if spread(_stats(r, k)) > SPREAD_WARN
     ]  # fmt: skip
     if noisy:

@@ -1,6 +1,6 @@
 """sgdc-kernels: fast, exact Structurally-Guided Dynamic Convolution (SGDC) for PyTorch.
 
-    >>> from sgdc_kernels import sgdc_conv, available_backends, SGDC, SGE
+>>> from sgdc_kernels import sgdc_conv, available_backends, SGDC, SGE
 """
 
 from ._version import __version__

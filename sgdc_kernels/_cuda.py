@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Optional
 
 import torch
 
@@ -40,7 +39,7 @@ def _register() -> None:
         _registered = True
 
 
-def built_against() -> Optional[str]:
+def built_against() -> str | None:
     """The torch version the extension was compiled against, as setup.py recorded it; None when
     no build recorded one."""
     try:
@@ -50,7 +49,7 @@ def built_against() -> Optional[str]:
     return getattr(config, "TORCH_VERSION", None)
 
 
-def torch_mismatch() -> Optional[str]:
+def torch_mismatch() -> str | None:
     """Why the extension cannot load into the running torch, or None when the versions match (or
     none was recorded)."""
     built = built_against()
@@ -80,7 +79,7 @@ def _import_extension():
     return importlib.import_module("sgdc_kernels._C")
 
 
-def build_info() -> Optional[dict]:
+def build_info() -> dict | None:
     """What the extension was compiled for, e.g. ``{"archs": ["sm_80", "sm_90"], "cuda": "13.0",
     "torch": "2.14.1"}``; None when it is not built (or does not load)."""
     try:
@@ -111,6 +110,4 @@ def load_backend() -> Backend:
             "(torch.cuda.is_available() is False)"
         )
     fwd, bwd = torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default
-    return Backend(
-        "cuda", fwd, bwd, frozenset({"cuda"}), FLOATING_GPU, "fused CUDA C++ kernels (csrc/)"
-    )
+    return Backend("cuda", fwd, bwd, frozenset({"cuda"}), FLOATING_GPU, "fused CUDA C++ kernels (csrc/)")

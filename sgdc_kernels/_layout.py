@@ -17,28 +17,27 @@ import json
 import os
 import sys
 from types import ModuleType
-from typing import Optional
 
 DIST = "sgdc-kernels"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 EDITABLE_HINT = "pip install --no-build-isolation -e . (from the repository root)"
 
 
-def checkout_root() -> Optional[str]:
+def checkout_root() -> str | None:
     """The repository root when this copy of the package is a source checkout, else None."""
     root = os.path.dirname(PACKAGE_DIR)
     markers = ("setup.py", os.path.join("triton_ops", "__init__.py"), "csrc")
     return root if all(os.path.exists(os.path.join(root, m)) for m in markers) else None
 
 
-def _distribution() -> Optional[importlib.metadata.Distribution]:
+def _distribution() -> importlib.metadata.Distribution | None:
     try:
         return importlib.metadata.distribution(DIST)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _editable_root(dist: importlib.metadata.Distribution) -> Optional[str]:
+def _editable_root(dist: importlib.metadata.Distribution) -> str | None:
     """The source folder of an editable install (from its direct_url.json), else None."""
     try:
         info = json.loads(dist.read_text("direct_url.json") or "{}")
@@ -50,7 +49,7 @@ def _editable_root(dist: importlib.metadata.Distribution) -> Optional[str]:
     return None
 
 
-def installed_copy() -> Optional[str]:
+def installed_copy() -> str | None:
     """The folder of the installed package (the checkout's for an editable install), or None."""
     dist = _distribution()
     if dist is None:
@@ -73,7 +72,9 @@ def describe() -> str:
     installed = installed_copy()
     here = os.path.realpath(PACKAGE_DIR)
     if checkout_root() is None:
-        kind = "installed, not editable" if installed == here else f"found on sys.path; the installed copy is {installed}"
+        kind = (
+            "installed, not editable" if installed == here else f"found on sys.path; the installed copy is {installed}"
+        )
     elif installed == here:
         kind = "source checkout, editable install"
     elif installed is None:
@@ -83,7 +84,7 @@ def describe() -> str:
     return f"{here} ({kind})"
 
 
-def shadowed_install_note() -> Optional[str]:
+def shadowed_install_note() -> str | None:
     """Why the compiled extension is missing when this copy is a source checkout without it while
     the installed copy has it (the user runs from the repository root after a regular install)."""
     installed = installed_copy()

@@ -22,7 +22,8 @@ module (its C++ schemas name it), which is why :func:`register_ops` lives here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,12 +52,12 @@ class Backend:
 
     name: str
     forward: Callable[..., torch.Tensor]  # the differentiable forward (an operator, or plain autograd)
-    backward: Optional[Callable[..., Any]]  # the backward operator; None where autograd derives it
+    backward: Callable[..., Any] | None  # the backward operator; None where autograd derives it
     device_types: frozenset[str]  # device types whose tensors it accepts, e.g. {"cuda"}
     dtypes: frozenset[torch.dtype]  # dtypes it accepts
     description: str
     variants: tuple[str, ...] = ()  # kernel variants; variants[0] is the default
-    variant_env: Optional[str] = None  # the environment variable that selects one, e.g. SGDC_CUDA_VARIANT
+    variant_env: str | None = None  # the environment variable that selects one, e.g. SGDC_CUDA_VARIANT
 
     def __post_init__(self) -> None:
         if self.variants and not self.variant_env:
@@ -110,9 +111,7 @@ def register_ops(forward_op: Any, backward_op: Any, *, fake: bool = True) -> Non
     if fake:
         torch.library.register_fake(forward_op, _fake_forward)
         torch.library.register_fake(backward_op, _fake_backward)
-    torch.library.register_autograd(
-        forward_op, _autograd_backward(backward_op), setup_context=_setup_context
-    )
+    torch.library.register_autograd(forward_op, _autograd_backward(backward_op), setup_context=_setup_context)
 
 
 def define_ops(name: str, forward_impl: Callable, backward_impl: Callable) -> tuple[Any, Any]:
@@ -125,11 +124,7 @@ def define_ops(name: str, forward_impl: Callable, backward_impl: Callable) -> tu
         dx, dkernel, dgate = backward_impl(grad_out, x, kernel, gate, kernel_size, num_heads)
         return dx, dkernel, (dgate if dgate is not None else x.new_empty(0))
 
-    fwd = torch.library.custom_op(
-        f"sgdc::{name}_forward", forward_impl, mutates_args=(), schema=FORWARD_SCHEMA
-    )
-    bwd = torch.library.custom_op(
-        f"sgdc::{name}_backward", backward, mutates_args=(), schema=BACKWARD_SCHEMA
-    )
+    fwd = torch.library.custom_op(f"sgdc::{name}_forward", forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
+    bwd = torch.library.custom_op(f"sgdc::{name}_backward", backward, mutates_args=(), schema=BACKWARD_SCHEMA)
     register_ops(fwd, bwd)
     return fwd, bwd

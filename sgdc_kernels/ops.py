@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .backends import memory_format_of
@@ -32,9 +30,7 @@ def _check_tensor(name: str, t: object) -> None:
         )
 
 
-def check_inputs(
-    x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
-) -> None:
+def check_inputs(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int) -> None:
     """Raise TypeError / ValueError naming the argument and what was expected."""
     _check_int("kernel_size", kernel_size, odd=True)
     _check_int("num_heads", num_heads)
@@ -80,7 +76,7 @@ def _autocast(x, kernel, gate):
 def sgdc_conv(
     x: Tensor,
     kernel: Tensor,
-    gate: Optional[Tensor] = None,
+    gate: Tensor | None = None,
     *,
     kernel_size: int = 7,
     num_heads: int = 4,

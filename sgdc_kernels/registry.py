@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 
@@ -80,10 +80,10 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("torch",), "cuda": ("cuda", "t
 
 
 # name -> Backend, or the BackendUnavailableError that explains why it is missing.
-_LOADED: dict[str, Union[Backend, BackendUnavailableError]] = {}
+_LOADED: dict[str, Backend | BackendUnavailableError] = {}
 
 
-def _load(name: str) -> Union[Backend, BackendUnavailableError]:
+def _load(name: str) -> Backend | BackendUnavailableError:
     """Load backend ``name`` once; returns the Backend or the BackendUnavailableError."""
     if name not in _LOADED:
         try:
@@ -114,14 +114,14 @@ def get_backend(name: str) -> Backend:
     return loaded
 
 
-def unavailable_reason(name: str) -> Optional[str]:
+def unavailable_reason(name: str) -> str | None:
     """None when backend ``name`` loads here, else why not; ValueError for an unknown name."""
     check_name(name, allow_auto=False)
     loaded = _load(name)
     return str(loaded) if isinstance(loaded, BackendUnavailableError) else None
 
 
-def available_backends(device: Optional[Union[str, torch.device]] = None) -> list[str]:
+def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Names of the backends that work on this machine; with ``device``, those that accept tensors
     on that device (``"cpu"``, ``"cuda"``, ``torch.device(...)``)."""
     names = [n for n in BACKEND_NAMES if unavailable_reason(n) is None]
@@ -136,7 +136,7 @@ def available_backends(device: Optional[Union[str, torch.device]] = None) -> lis
 # ---------------------------------------------------------------------------------------------
 
 
-def selected_variant(backend: Backend) -> Optional[str]:
+def selected_variant(backend: Backend) -> str | None:
     """The variant the kernels of ``backend`` run now: the value of its environment variable, or
     the default (the first listed variant) while the variable is unset or empty. None for a
     backend without variants."""
@@ -145,7 +145,7 @@ def selected_variant(backend: Backend) -> Optional[str]:
     return os.environ.get(backend.variant_env or "") or backend.variants[0]
 
 
-def parse_backend(spec: str) -> tuple[str, Optional[str]]:
+def parse_backend(spec: str) -> tuple[str, str | None]:
     """Split ``"name"`` or ``"name@variant"`` into (name, variant or None) and check both.
 
     ``"name@all"`` is returned as is (variant ``"all"``); :func:`expand_variants` lists them.
@@ -160,8 +160,7 @@ def parse_backend(spec: str) -> tuple[str, Optional[str]]:
         raise ValueError(f"backend: {name!r} has no kernel variants; use {name!r} without '@{variant}'")
     if variant != "all" and variant not in backend.variants:
         raise ValueError(
-            f"backend: unknown variant {variant!r} of {name!r}; expected 'all' or one of "
-            + ", ".join(backend.variants)
+            f"backend: unknown variant {variant!r} of {name!r}; expected 'all' or one of " + ", ".join(backend.variants)
         )
     return name, variant
 

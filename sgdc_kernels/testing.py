@@ -9,7 +9,7 @@ own build, can be checked the same way:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ def make_inputs(
     gate: bool = True,
     memory_format: torch.memory_format = torch.contiguous_format,
     scale: float = 2.0,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Random ``x``, kernel logits (times ``scale``, so the softmax is far from uniform) and gate
     logits (or None) for ``shape = (B, C, H, W, num_heads, kernel_size)``."""
     B, C, H, W, G, K = shape
@@ -51,7 +51,7 @@ def make_inputs(
 
 
 def forward_backward(
-    fn: Callable[..., Tensor], tensors: Sequence[Optional[Tensor]], grad_out: Tensor
+    fn: Callable[..., Tensor], tensors: Sequence[Tensor | None], grad_out: Tensor
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``fn(*leaves)`` and the gradients of ``<fn(...), grad_out>`` for leaves made from ``tensors``
     (``detach`` keeps their strides; a None stays None and gets no gradient)."""
@@ -88,15 +88,13 @@ def tolerances(backend: str, dtype: torch.dtype) -> dict:
     return TOLERANCES[dtype]
 
 
-def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "", tol: Optional[dict] = None) -> None:
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "", tol: dict | None = None) -> None:
     torch.testing.assert_close(
         actual.double(), expected.double(), **(tol or TOLERANCES[dtype]), msg=lambda m: f"{what}: {m}" if what else m
     )
 
 
-def check_tensors(
-    backend: str, tensors: Sequence[Optional[Tensor]], kernel_size: int, num_heads: int
-) -> None:
+def check_tensors(backend: str, tensors: Sequence[Tensor | None], kernel_size: int, num_heads: int) -> None:
     """``backend`` on these very tensors (any strides) against the oracle: forward and every
     gradient, and results laid out like ``torch.empty_like`` of the inputs in ``x``'s memory
     format (the gradients of ``unfold`` are autograd's, whatever their layout)."""

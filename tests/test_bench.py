@@ -54,7 +54,13 @@ def test_rows_are_printed_once_aligned_with_their_spread(bench, tmp_path, capsys
     assert len({len(line) for line in table}) == 1  # one width: the columns line up
     for row in data["results"]:
         for key in ("fwd", "fwdbwd"):
-            assert row[f"{key}_min_ms"] <= row[f"{key}_q1_ms"] <= row[f"{key}_ms"] <= row[f"{key}_q3_ms"] <= row[f"{key}_max_ms"]
+            assert (
+                row[f"{key}_min_ms"]
+                <= row[f"{key}_q1_ms"]
+                <= row[f"{key}_ms"]
+                <= row[f"{key}_q3_ms"]
+                <= row[f"{key}_max_ms"]
+            )
             assert row[f"{key}_n"] >= 3
 
 

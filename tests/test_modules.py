@@ -1,9 +1,9 @@
 """SGDC, SGE and LayerNorm2d: checkpoint compatibility with the released modules and equivalence.
 
 `ReleasedSGDC` and `ReleasedSGE` below transcribe the authors' released modules literally, the way
-their code is written (F.unfold, dense Sobel convolutions, plain sqrt), with only the crash of
-its einops pattern (`(hgt*wdt)` for `(hgt wdt)`) fixed. Their state dicts must load strictly into the package's modules and give
-the same outputs.
+their code is written (F.unfold, dense Sobel convolutions, plain sqrt), with only the crash of its
+einops pattern (`(hgt*wdt)` for `(hgt wdt)`) fixed. Their state dicts must load strictly into the
+package's modules and give the same outputs.
 """
 
 import pytest

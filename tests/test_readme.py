@@ -45,7 +45,9 @@ _HELP: dict[str, subprocess.CompletedProcess] = {}  # module -> its --help run, 
 
 
 def _extension_line(cwd: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "sgdc_kernels.info"], cwd=cwd, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sgdc_kernels.info"], cwd=cwd, capture_output=True, text=True, check=True
+    )
     return next(line for line in out.stdout.splitlines() if line.startswith("extension"))
 
 

@@ -100,7 +100,9 @@ def _imports(path: str) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             targets = [node.module] if node.module else [a.name for a in node.names]
             for t in targets:
-                found.add(t.split(".")[0] if os.path.exists(os.path.join(PACKAGE, t.split(".")[0] + ".py")) else "__init__")
+                found.add(
+                    t.split(".")[0] if os.path.exists(os.path.join(PACKAGE, t.split(".")[0] + ".py")) else "__init__"
+                )
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sgdc_kernels."):
             found.add(node.module.split(".")[1])
     return found
@@ -129,7 +131,8 @@ def test_the_module_graph_has_no_cycle():
 def test_importing_the_wiring_loads_no_backend():
     code = (
         "import sys, sgdc_kernels.backends\n"
-        "loaded = [m for m in ('sgdc_kernels.reference', 'sgdc_kernels._cuda', 'sgdc_kernels.triton_ops') if m in sys.modules]\n"
+        "backends = ('sgdc_kernels.reference', 'sgdc_kernels._cuda', 'sgdc_kernels.triton_ops')\n"
+        "loaded = [m for m in backends if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
