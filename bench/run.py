@@ -3,16 +3,22 @@
 
     python bench/run.py                      # all backends, default shapes for this machine
     python bench/run.py --device cuda --dtypes float32,bfloat16 --out bench/out/h100.json
-    python bench/run.py --backends torch,unfold --shapes 2x64x64x64x4x7 --no-memory
+    python bench/run.py --backends torch,unfold --shapes 2x64x64x64x4x7 --no-memory --threads 1
+    python bench/run.py --backends unfold,cuda@all      # every kernel variant of the cuda backend
 
 For each case (shape, dtype, backend) it reports the median time of the forward and of
-forward+backward, the speedup over `unfold`, the peak memory beyond the inputs during
-forward+backward and, on a GPU, the percentage of the memory roofline of SPEC section 5 with the
-device-to-device copy bandwidth measured in the same run. On a GPU it also times the strongest
-peer a user has without this package: torch.compile of the shift-and-accumulate formulation
-(row `torch.compile(shift)`).
+forward+backward with their spread, the speedup over `unfold`, the peak memory beyond the inputs
+during forward+backward and, on a GPU, the percentage of the memory roofline (docs/performance.md)
+with the device-to-device copy bandwidth measured in the same run. On a GPU it also times the
+strongest peer a user has without this package: torch.compile of the shift-and-accumulate
+formulation (row `torch.compile(shift)`).
 
-Times: CUDA events on a GPU, perf_counter on the CPU; medians after warm-up. Memory: on a GPU,
+Times: CUDA events on a GPU, perf_counter on the CPU. Each measurement warms up for --warmup-time
+seconds, then repeats for --time seconds (at least --min-iters times); the table shows the median
+and the interquartile range as a percentage of it, the JSON also the quartiles, min and max, and a
+warning names every row whose spread is large (a busy machine: rerun, or pin --threads).
+A backend name may carry a kernel variant, `name@variant` or `name@all`, selected through the
+backend's environment variable while its row is timed. Memory: on a GPU,
 torch.cuda.max_memory_allocated; on the CPU, the peak resident set (VmHWM, reset through
 /proc/self/clear_refs) of a fresh subprocess per case.
 """
@@ -28,17 +34,25 @@ import subprocess
 import sys
 import time
 
-import torch
+# OpenMP threads that spin between parallel regions (the default) turn any other busy process
+# into huge, random delays for backends made of many small ops (`torch` runs a few per tap, K*K
+# taps): measured on a shared 2-core machine, its forward took 23 to 660 ms from run to run with
+# spinning threads, 20 to 27 ms with sleeping ones. Set before torch loads the OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import sgdc_kernels
-from sgdc_kernels import available_backends, sgdc_conv, testing
-from sgdc_kernels.reference import shift_forward
+import torch  # noqa: E402
+
+import sgdc_kernels  # noqa: E402
+from sgdc_kernels import available_backends, registry, sgdc_conv, testing  # noqa: E402
+from sgdc_kernels.reference import shift_forward  # noqa: E402
+from sgdc_kernels.registry import get_backend, parse_backend  # noqa: E402
 
 PEER = "torch.compile(shift)"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GPU_SHAPES = ["8x256x128x128x4x7", "8x256x64x64x4x7", "8x64x128x128x4x13"]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 CPU_SHAPES = ["2x64x64x64x4x7", "1x32x96x96x4x5"]
+SPREAD_WARN = 0.10  # interquartile range over median above which a row is flagged
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,8 +82,10 @@ _COMPILED = {}
 
 
 def make_fn(backend: str, shape):
-    """A callable (x, kernel, gate) -> out for a backend name or the compiled peer."""
+    """A callable (x, kernel, gate) -> out for a backend name (a variant suffix is dropped: the
+    variant is selected through the environment, see :func:`variant_env`) or the compiled peer."""
     K, G = shape[5], shape[4]
+    backend = backend.partition("@")[0]
     if backend == PEER:
         if "fn" not in _COMPILED:
             _COMPILED["fn"] = torch.compile(shift_forward, dynamic=False)
@@ -79,7 +95,7 @@ def make_fn(backend: str, shape):
 
 
 def roofline_bytes(shape, dtype) -> tuple[int, int]:
-    """Fewest bytes moved (SPEC section 5): forward, and forward+backward."""
+    """Fewest bytes moved (docs/performance.md): forward, and forward+backward."""
     B, C, H, W, G, K = shape
     act, taps = B * C * H * W, B * G * K * K * H * W
     size = torch.empty((), dtype=dtype).element_size()
@@ -93,26 +109,58 @@ def roofline_bytes(shape, dtype) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def median_ms(step, device: str, warmup: int, iters: int, budget_s: float) -> float:
-    for _ in range(warmup):
+class Timing:
+    """How long each measurement runs: warm-up and timed phases by time, with an iteration floor."""
+
+    def __init__(self, warmup_s: float, time_s: float, min_iters: int, max_iters: int = 10_000):
+        self.warmup_s, self.time_s, self.min_iters, self.max_iters = warmup_s, time_s, min_iters, max_iters
+
+
+def summarize(times: list[float]) -> dict:
+    """Median, quartiles, min, max (ms) and the count of a list of times."""
+    t = sorted(times)
+    q1, median, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0],) * 3
+    return {"median": median, "q1": q1, "q3": q3, "min": t[0], "max": t[-1], "n": len(t)}
+
+
+def measure(step, device: str, timing: Timing) -> dict:
+    """Warm up for timing.warmup_s (at least one call), then time calls for timing.time_s (at
+    least timing.min_iters); returns :func:`summarize` of the times in ms."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    step()  # the first call: loading, compiling, autotuning
+    sync()
+    end = time.perf_counter() + timing.warmup_s
+    while time.perf_counter() < end:
         step()
-    times = []
-    start_all = time.perf_counter()
-    for _ in range(iters):
+    sync()
+    times: list[float] = []
+    end = time.perf_counter() + timing.time_s
+    while len(times) < timing.max_iters and (len(times) < timing.min_iters or time.perf_counter() < end):
         if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
         else:
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start_all > budget_s and len(times) >= 3:
-            break
-    return statistics.median(times)
+    return summarize(times)
+
+
+def median_ms(step, device: str, warmup: int, iters: int, budget_s: float) -> float:
+    """Median of at most ``iters`` calls after ``warmup`` calls, stopping after ``budget_s``
+    seconds (at least 3 calls): the count-based timer of bench/train_step.py."""
+    for _ in range(warmup):
+        step()
+    return measure(step, device, Timing(0.0, budget_s, min(3, iters), max_iters=iters))["median"]
+
+
+def spread(stats: dict) -> float:
+    """Interquartile range over the median."""
+    return (stats["q3"] - stats["q1"]) / stats["median"]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -120,11 +168,34 @@ def copy_bandwidth(device: str) -> float:
     n = 1 << 28  # 1 GiB of float32
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, warmup=3, iters=20, budget_s=5)
+    ms = measure(lambda: dst.copy_(src), device, Timing(0.2, 0.5, 10))["median"]
     return 2 * n * 4 / (ms * 1e-3)
 
 
-def time_case(backend, shape, dtype, layout, device, args) -> dict:
+class variant_env:
+    """Context manager: select the kernel variant of ``name@variant`` through the backend's
+    environment variable, and restore the variable afterwards. A plain name changes nothing."""
+
+    def __init__(self, spec: str):
+        name, variant = parse_backend(spec) if spec != PEER else (spec, None)
+        self.var = get_backend(name).variant_env if variant else None
+        self.value = variant
+
+    def __enter__(self):
+        if self.var:
+            self.saved = os.environ.get(self.var)
+            os.environ[self.var] = self.value
+        return self
+
+    def __exit__(self, *exc):
+        if self.var:
+            if self.saved is None:
+                os.environ.pop(self.var, None)
+            else:
+                os.environ[self.var] = self.saved
+
+
+def time_case(backend, shape, dtype, layout, device, timing: Timing, memory: bool) -> dict:
     fn = make_fn(backend, shape)
     x, kernel, gate, grad_out = make_inputs(shape, dtype, device, layout)
 
@@ -132,22 +203,25 @@ def time_case(backend, shape, dtype, layout, device, args) -> dict:
         with torch.no_grad():
             fn(x, kernel, gate)
 
-    xg, kg, gg, _ = (t.detach().requires_grad_() for t in (x, kernel, gate, grad_out))
+    xg, kg, gg = (t.detach().requires_grad_() for t in (x, kernel, gate))
 
     def forward_backward():
         out = fn(xg, kg, gg)
         torch.autograd.grad(out, (xg, kg, gg), grad_out)
 
     row = {}
-    row["fwd_ms"] = median_ms(forward, device, args.warmup, args.iters, args.budget)
-    row["fwdbwd_ms"] = median_ms(forward_backward, device, args.warmup, args.iters, args.budget)
-    if device == "cuda" and not args.no_memory:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        forward_backward()
-        torch.cuda.synchronize()
-        row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    with variant_env(backend):
+        for key, step in (("fwd", forward), ("fwdbwd", forward_backward)):
+            stats = measure(step, device, timing)
+            row[f"{key}_ms"] = stats.pop("median")
+            row.update({f"{key}_{k}" + ("" if k == "n" else "_ms"): v for k, v in stats.items()})
+        if device == "cuda" and memory:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            forward_backward()
+            torch.cuda.synchronize()
+            row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return row
 
 
@@ -173,7 +247,11 @@ def reset_peak_rss() -> int:
 
 def measure_cpu_memory_child(backend, shape, dtype_name, layout) -> None:
     """Run in a subprocess: prints the peak resident bytes of one forward+backward beyond the inputs."""
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    with variant_env(backend):
+        _measure_cpu_memory(backend, shape, dtype_name, layout)
+
+
+def _measure_cpu_memory(backend, shape, dtype_name, layout) -> None:
     dtype = DTYPES[dtype_name]
     fn = make_fn(backend, shape)
     x, kernel, gate, grad_out = make_inputs(shape, dtype, "cpu", layout, requires_grad=True)
@@ -191,7 +269,8 @@ def measure_cpu_memory_child(backend, shape, dtype_name, layout) -> None:
 def cpu_peak_memory(backend, shape, dtype_name, layout) -> float | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # large blocks go back to the OS on free
     case = [backend, "x".join(map(str, shape)), dtype_name, layout]
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", *case]
+    threads = ["--threads", str(torch.get_num_threads())]
+    cmd = [sys.executable, os.path.abspath(__file__), *threads, "--_memory-child", *case]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         print(f"  memory measurement of {backend} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -204,53 +283,114 @@ def cpu_peak_memory(backend, shape, dtype_name, layout) -> float | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def format_table(rows, device) -> str:
-    headers = ["shape BxCxHxWxGxK", "dtype", "layout", "backend", "fwd ms", "x unfold", "fwd+bwd ms", "x unfold", "peak extra MB"]
-    if device == "cuda":
-        headers += ["fwd % roof", "f+b % roof"]
-    lines = []
-    for r in rows:
-        def f(v, fmt):
-            return "-" if v is None else format(v, fmt)
+class Table:
+    """Rows printed once, as they are measured, in columns sized up front (the label columns from
+    the cases to come, the numbers to a fixed width)."""
 
-        cells = [r["shape"], r["dtype"], r["layout"], r["backend"]]
-        if "error" in r:
-            cells += [f"error: {r['error']}"] + [""] * (len(headers) - 5)
-        else:
-            cells += [
-                f(r["fwd_ms"], ".3f"), f(r.get("fwd_speedup"), ".1f"),
-                f(r["fwdbwd_ms"], ".3f"), f(r.get("fwdbwd_speedup"), ".1f"),
-                f(r.get("peak_extra_mb"), ".1f"),
-            ]  # fmt: skip
-            if device == "cuda":
-                cells += [f(r.get("fwd_roofline_pct"), ".0f"), f(r.get("fwdbwd_roofline_pct"), ".0f")]
-        lines.append(cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *lines)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) for cells in lines]
-    return "\n".join(out)
+    def __init__(self, cases, backends, device: str):
+        self.columns = [  # (header, width, row -> text)
+            ("shape BxCxHxWxGxK", max(len("x".join(map(str, c[0]))) for c in cases), lambda r: r["shape"]),
+            ("dtype", max(len(c[1]) for c in cases), lambda r: r["dtype"]),
+            ("layout", max(len(c[2]) for c in cases), lambda r: r["layout"]),
+            ("backend", max(len(b) for b in backends), lambda r: r["backend"]),
+        ]
+        for key, title in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+            self.columns += [
+                (f"{title} ms", 10, lambda r, k=key: _num(r.get(f"{k}_ms"), ".3f")),
+                ("iqr %", 5, lambda r, k=key: _num(100 * spread(_stats(r, k)) if f"{k}_ms" in r else None, ".0f")),
+                ("x unfold", 8, lambda r, k=key: _num(r.get(f"{k}_speedup"), ".1f")),
+            ]
+        self.columns.append(("peak extra MB", 13, lambda r: _num(r.get("peak_extra_mb"), ".1f")))
+        if device == "cuda":
+            self.columns += [
+                ("fwd % roof", 10, lambda r: _num(r.get("fwd_roofline_pct"), ".0f")),
+                ("f+b % roof", 10, lambda r: _num(r.get("fwdbwd_roofline_pct"), ".0f")),
+            ]
+        self.widths = [max(w, len(h)) for h, w, _ in self.columns]
+
+    def header(self) -> str:
+        heads = "  ".join(h.ljust(w) for (h, _, _), w in zip(self.columns, self.widths))
+        return heads + "\n" + "  ".join("-" * w for w in self.widths)
+
+    def line(self, row: dict) -> str:
+        labels = [get(row).ljust(w) for (_, _, get), w in zip(self.columns[:4], self.widths)]
+        if "error" in row:
+            return "  ".join(labels + [f"error: {row['error']}"])
+        cells = [get(row).rjust(w) for (_, _, get), w in zip(self.columns[4:], self.widths[4:])]
+        return "  ".join(labels + cells).rstrip()
+
+
+def _num(v, fmt) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _stats(row: dict, key: str) -> dict:
+    return {"median": row[f"{key}_ms"], "q1": row[f"{key}_q1_ms"], "q3": row[f"{key}_q3_ms"]}
+
+
+def check_backends(text: str, device: str, gpu: bool) -> list[str]:
+    """The --backends list, variants expanded; raises ValueError with one line on a bad entry."""
+    on_device = [b for b in available_backends(device) if not (b == "triton" and not gpu)]
+    specs = []
+    for spec in text.split(","):
+        if spec == PEER:
+            specs.append(spec)
+            continue
+        name = spec.partition("@")[0]
+        try:
+            parse_backend(name)  # an unknown name first, before asking whether it is available
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("backend: ")) from None
+        if name not in on_device:
+            why = sgdc_kernels.unavailable_reason(name) or f"it does not run on {device} tensors here"
+            raise ValueError(f"{name!r} is not available on {device}: {why}")
+        try:
+            specs += registry.expand_variants(spec)
+        except ValueError as exc:
+            raise ValueError(str(exc).removeprefix("backend: ")) from None
+    return specs
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--backends", help="comma-separated backends (default: all available, plus the compiled peer on GPU); "
-                        f"'{PEER}' names the compiled shift-and-accumulate peer")  # fmt: skip
-    parser.add_argument("--dtypes", help="comma-separated: float32,float16,bfloat16,float64 (default GPU: float32,bfloat16; CPU: float32)")
+    parser.add_argument("--backends", help="comma-separated backends, each optionally name@variant or name@all "
+                        f"(default: all available, plus the compiled peer on GPU); '{PEER}' names the compiled "
+                        "shift-and-accumulate peer")  # fmt: skip
+    parser.add_argument(
+        "--dtypes",
+        help="comma-separated: float32,float16,bfloat16,float64 (default GPU: float32,bfloat16; CPU: float32)",
+    )
     parser.add_argument("--shapes", help="comma-separated BxCxHxWxGxK (default depends on the device)")
     parser.add_argument("--layouts", default="nchw", help="comma-separated: nchw,channels_last (default nchw)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default GPU 10, CPU 1)")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default GPU 50, CPU 5)")
-    parser.add_argument("--budget", type=float, default=10.0, help="max seconds of timed iterations per measurement")
+    parser.add_argument(
+        "--warmup-time", type=float, default=None, help="seconds of warm-up per measurement (default GPU 0.2, CPU 0.5)"
+    )
+    parser.add_argument(
+        "--time", type=float, default=None, help="seconds of timed calls per measurement (default GPU 0.5, CPU 1.5)"
+    )
+    parser.add_argument(
+        "--min-iters", type=int, default=None, help="fewest timed calls per measurement (default GPU 20, CPU 5)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads; default: torch's)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} peer")
-    parser.add_argument("--out", default="bench/out/results.json", help="JSON output path")
+    parser.add_argument(
+        "--out", default="bench/out/results.json", help="JSON output path (default bench/out/results.json)"
+    )
     parser.add_argument("--train-step", action="store_true",
                         help="then time a full SGD-Net training step per backend (bench/train_step.py, needs "
                         "the 'train' extra); its JSON goes beside --out as *_train_step.json")  # fmt: skip
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in ("warmup_time", "time", "min_iters", "threads"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 or (value == 0 and name in ("min_iters", "threads"))):
+            parser.error(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args._memory_child:
         backend, shape, dtype_name, layout = args._memory_child
@@ -261,9 +401,17 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
     gpu = device == "cuda"
-    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
-    args.iters = args.iters if args.iters is not None else (50 if gpu else 5)
-    shapes = [parse_shape(s) for s in (args.shapes.split(",") if args.shapes else (GPU_SHAPES if gpu else CPU_SHAPES))]
+    timing = Timing(
+        args.warmup_time if args.warmup_time is not None else (0.2 if gpu else 0.5),
+        args.time if args.time is not None else (0.5 if gpu else 1.5),
+        args.min_iters or (20 if gpu else 5),
+    )
+    try:
+        shapes = [
+            parse_shape(s) for s in (args.shapes.split(",") if args.shapes else (GPU_SHAPES if gpu else CPU_SHAPES))
+        ]
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"--shapes: {exc}")
     dtype_names = args.dtypes.split(",") if args.dtypes else (["float32", "bfloat16"] if gpu else ["float32"])
     for name in dtype_names:
         if name not in DTYPES:
@@ -272,13 +420,13 @@ def main(argv=None) -> int:
     for name in layouts:
         if name not in LAYOUTS:
             parser.error(f"--layouts: unknown layout {name!r}; expected some of {', '.join(LAYOUTS)}")
-    on_device = [b for b in available_backends(device) if not (b == "triton" and not gpu)]
     if args.backends:
-        backends = args.backends.split(",")
-        for b in backends:
-            if b != PEER and b not in on_device:
-                parser.error(f"--backends: {b!r} is not available on {device} ({sgdc_kernels.unavailable_reason(b) or 'see python -m sgdc_kernels.info'})")
+        try:
+            backends = check_backends(args.backends, device, gpu)
+        except ValueError as exc:
+            parser.error(f"--backends: {exc}")
     else:
+        on_device = [b for b in available_backends(device) if not (b == "triton" and not gpu)]
         backends = on_device + ([PEER] if gpu and not args.no_peer else [])
     if "unfold" in backends:  # the baseline first
         backends = ["unfold"] + [b for b in backends if b != "unfold"]
@@ -286,24 +434,36 @@ def main(argv=None) -> int:
     meta = {
         "sgdc_kernels": sgdc_kernels.__version__,
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name()
+        if gpu
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "threads": torch.get_num_threads(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "timing": {"warmup_s": timing.warmup_s, "time_s": timing.time_s, "min_iters": timing.min_iters},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
     }
     if gpu:
         meta["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
-    print(f"# {meta['device']}, torch {meta['torch']}, sgdc-kernels {meta['sgdc_kernels']}"
-          + (f", copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s" if gpu else ""), flush=True)  # fmt: skip
+    header = f"# {meta['device']}, torch {meta['torch']}, sgdc-kernels {meta['sgdc_kernels']}, "
+    header += f"{meta['threads']} threads (OMP_WAIT_POLICY={meta['OMP_WAIT_POLICY']})"
+    if gpu:
+        header += f", copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s"
+    print(header, flush=True)
 
     rows = []
     cases = [(shape, d, layout) for shape in shapes for d in dtype_names for layout in layouts]
+    table = Table(cases, backends, device)
+    print(table.header(), flush=True)
     for shape, dtype_name, layout in cases:
         dtype = DTYPES[dtype_name]
         base = None
         for backend in backends:
             row = {"shape": "x".join(map(str, shape)), "dtype": dtype_name, "layout": layout, "backend": backend}
+            if "@" in backend:
+                row["variant"] = backend.partition("@")[2]
             try:
-                row.update(time_case(backend, shape, dtype, layout, device, args))
+                row.update(time_case(backend, shape, dtype, layout, device, timing, not args.no_memory))
                 if not gpu and not args.no_memory:
                     row["peak_extra_mb"] = cpu_peak_memory(backend, shape, dtype_name, layout)
             except (RuntimeError, TypeError, ValueError) as exc:  # OOM, unsupported dtype, ...
@@ -323,10 +483,18 @@ def main(argv=None) -> int:
                 row["fwd_roofline_pct"] = 100 * row["fwd_roofline_ms"] / row["fwd_ms"]
                 row["fwdbwd_roofline_pct"] = 100 * row["fwdbwd_roofline_ms"] / row["fwdbwd_ms"]
             rows.append(row)
-            print(format_table([row], device).splitlines()[-1], flush=True)
+            print(table.line(row), flush=True)
 
-    print()
-    print(format_table(rows, device))
+    noisy = [
+        f"  {r['shape']} {r['dtype']} {r['layout']} {r['backend']} {k.replace('fwdbwd', 'fwd+bwd')}: "
+        f"{100 * spread(_stats(r, k)):.0f}%"
+        for r in rows if "error" not in r for k in ("fwd", "fwdbwd") if spread(_stats(r, k)) > SPREAD_WARN
+    ]  # fmt: skip
+    if noisy:
+        print(f"\nwarning: the interquartile range exceeds {100 * SPREAD_WARN:.0f}% of the median in {len(noisy)} "
+              "measurements; the machine was probably busy and these times are not trustworthy (rerun on a quiet "
+              "machine, with a longer --time, or with fewer --threads):\n" + "\n".join(noisy),
+              file=sys.stderr, flush=True)  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)

@@ -1,12 +1,13 @@
 """sgdc-kernels: fast, exact Structurally-Guided Dynamic Convolution (SGDC) for PyTorch.
 
-    >>> from sgdc_kernels import sgdc_conv, available_backends, SGDC, SGE
+>>> from sgdc_kernels import sgdc_conv, available_backends, SGDC, SGE
 """
 
 from ._version import __version__
-from .backends import BackendUnavailableError, available_backends, get_backend, unavailable_reason
+from .backends import Backend, BackendUnavailableError
 from .modules import SGDC, SGE, LayerNorm2d
 from .ops import sgdc_conv
+from .registry import available_backends, get_backend, unavailable_reason
 
 __all__ = [
     "__version__",
@@ -14,6 +15,7 @@ __all__ = [
     "available_backends",
     "get_backend",
     "unavailable_reason",
+    "Backend",
     "BackendUnavailableError",
     "LayerNorm2d",
     "SGDC",

@@ -1,9 +1,10 @@
-"""The SGDC and SGE modules (SPEC section 3), state-dict compatible with the authors' release.
+"""The SGDC and SGE modules, state-dict compatible with the authors' release.
 
 Parameter names and shapes match the released modules, so their checkpoints load with
-``load_state_dict(strict=True)``. The flaws of SPEC section 4 are not copied: the Sobel magnitude
-has a finite gradient where it is zero, and the dense (ch x ch x 3 x 3) Sobel convolution is
-computed through the channel-sum identity.
+``load_state_dict(strict=True)`` and give the same outputs. Two flaws of the release are not
+copied: SGE's Sobel magnitude sqrt(gx^2 + gy^2) has a NaN gradient where it is zero (here it has
+gradient 0), and its dense (ch x ch x 3 x 3) Sobel convolution, whose every [out, in] slice is the
+same kernel, is computed as one single-channel convolution of the channel sum (same result).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import sgdc_conv
+from .registry import check_name
 
 Tensor = torch.Tensor
 
@@ -23,7 +25,7 @@ SOBEL_Y = ((1.0, 2.0, 1.0), (0.0, 0.0, 0.0), (-1.0, -2.0, -1.0))
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel dim of an NCHW tensor (eps 1e-6, affine)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
@@ -46,7 +48,9 @@ class SGDC(nn.Module):
     """Structurally-guided dynamic convolution block, ``forward(x, g)``.
 
     ``x`` (B, dim, H, W) features, ``g`` (B, guide_ch, h, w) structure guidance at any resolution.
-    ``backend`` selects the sgdc_conv implementation (see ``sgdc_kernels.available_backends()``).
+    ``backend`` selects the sgdc_conv implementation (see ``sgdc_kernels.available_backends()``);
+    a name that is not a backend raises ValueError here, whether it runs on this machine is checked
+    on the first forward (the module may move to another device first).
     """
 
     def __init__(
@@ -59,7 +63,7 @@ class SGDC(nn.Module):
         drop_path: float = 0.0,
         ls_init: float = 1e-6,
         backend: str = "auto",
-    ):
+    ) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
@@ -67,7 +71,7 @@ class SGDC(nn.Module):
             raise ValueError(f"kernel_size: expected a positive odd int, got {kernel_size}")
         self.dim, self.num_heads, self.kernel_size = dim, num_heads, kernel_size
         self.drop_path_rate = drop_path
-        self.backend = backend
+        self.backend = check_name(backend)
         taps = num_heads * kernel_size * kernel_size
         hidden = int(dim * mlp_ratio)
         self.proj_guidance = nn.Conv2d(guide_ch, dim, 1)
@@ -99,7 +103,7 @@ class SGDC(nn.Module):
 class ConvBNReLU(nn.Module):
     """Conv2d (no bias) + BatchNorm2d + ReLU, with submodules ``conv`` and ``bn``."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int = 1):
+    def __init__(self, cin: int, cout: int, kernel_size: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(cout)
@@ -111,7 +115,7 @@ class ConvBNReLU(nn.Module):
 class BottleneckRefiner(nn.Module):
     """relu(x + refine(x)), refine = 1x1 c->c/r, BN, ReLU, 3x3 c/r->c/r, BN, ReLU, 1x1 c/r->c, BN."""
 
-    def __init__(self, channels: int, reduction_ratio: int = 4):
+    def __init__(self, channels: int, reduction_ratio: int = 4) -> None:
         super().__init__()
         mid = channels // reduction_ratio
         self.refine = nn.Sequential(
@@ -144,7 +148,7 @@ def safe_magnitude(gx: Tensor, gy: Tensor) -> Tensor:
     return torch.where(nonzero, torch.sqrt(torch.where(nonzero, sq, torch.ones_like(sq))), torch.zeros_like(sq))
 
 
-def _check_sobel_weights(module: "SGE", incompatible_keys) -> None:
+def _check_sobel_weights(module: SGE, incompatible_keys: object) -> None:
     # The channel-sum identity holds only while every [out, in] slice is the same kernel.
     for name in ("sobel_x", "sobel_y"):
         w = getattr(module, name).weight
@@ -158,7 +162,8 @@ def _check_sobel_weights(module: "SGE", incompatible_keys) -> None:
 class SGE(nn.Module):
     """Structure-guidance extractor, ``forward(x4, x1) -> (edge_logits, guidance)`` at x1's size.
 
-    ``x4`` are deep (stride 32) features, ``x1`` shallow (stride 4) ones.
+    ``x4`` are deep (stride 32) features, ``x1`` shallow (stride 4) ones. SGE calls no
+    sgdc_conv, so unlike SGDC it takes no ``backend``.
     """
 
     def __init__(
@@ -169,7 +174,7 @@ class SGE(nn.Module):
         guide_ch: int = 16,
         bottleneck: int = 256,
         reduction_ratio: int = 4,
-    ):
+    ) -> None:
         super().__init__()
         self.s4_proj = ConvBNReLU(s4_in, bottleneck)
         self.s1_proj = ConvBNReLU(s1_in, bottleneck)

@@ -1,17 +1,16 @@
-"""The public operator: :func:`sgdc_conv` (SPEC section 1)."""
+"""The public operator: :func:`sgdc_conv` (definition and gradients: docs/op.md)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .backends import forward_op, memory_format_of, resolve_backend
+from .backends import memory_format_of
+from .registry import check_name, forward_op, resolve_backend
 
 Tensor = torch.Tensor
 
 
-def _check_int(name: str, value, *, odd: bool = False) -> None:
+def _check_int(name: str, value: object, *, odd: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
     if value < 1:
@@ -20,7 +19,7 @@ def _check_int(name: str, value, *, odd: bool = False) -> None:
         raise ValueError(f"{name}: expected an odd int (the window is centred), got {value}")
 
 
-def _check_tensor(name: str, t) -> None:
+def _check_tensor(name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
@@ -31,9 +30,7 @@ def _check_tensor(name: str, t) -> None:
         )
 
 
-def check_inputs(
-    x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
-) -> None:
+def check_inputs(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int) -> None:
     """Raise TypeError / ValueError naming the argument and what was expected."""
     _check_int("kernel_size", kernel_size, odd=True)
     _check_int("num_heads", num_heads)
@@ -79,7 +76,7 @@ def _autocast(x, kernel, gate):
 def sgdc_conv(
     x: Tensor,
     kernel: Tensor,
-    gate: Optional[Tensor] = None,
+    gate: Tensor | None = None,
     *,
     kernel_size: int = 7,
     num_heads: int = 4,
@@ -99,8 +96,7 @@ def sgdc_conv(
     Returns a tensor shaped, typed and laid out (contiguous or channels_last) like ``x``.
     Differentiable in x, kernel and gate; works under torch.compile(fullgraph=True).
     """
-    if not isinstance(backend, str):
-        raise TypeError(f"backend: expected a str, got {type(backend).__name__}")
+    check_name(backend)
     x, kernel, gate = _autocast(x, kernel, gate)
     check_inputs(x, kernel, gate, kernel_size, num_heads)
     name = resolve_backend(backend, x.device.type, x.dtype)

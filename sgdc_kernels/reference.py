@@ -1,4 +1,4 @@
-"""Pure PyTorch implementations of sgdc_conv (SPEC section 1).
+"""Pure PyTorch implementations of sgdc_conv (definition: docs/op.md).
 
 Two formulations live here, and nowhere else:
 
@@ -15,8 +15,6 @@ point :func:`sgdc_kernels.sgdc_conv` does the validation.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -30,9 +28,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def unfold_forward(
-    x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
-) -> Tensor:
+def unfold_forward(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int) -> Tensor:
     """The paper's formulation: ``F.unfold`` with zero padding, softmax over the taps, window sum."""
     B, C, H, W = x.shape
     K, G = kernel_size, num_heads
@@ -63,9 +59,7 @@ def _softmax_and_padded_input(x: Tensor, kernel: Tensor, kernel_size: int, num_h
     return probs, xpad
 
 
-def shift_forward(
-    x: Tensor, kernel: Tensor, gate: Optional[Tensor], kernel_size: int, num_heads: int
-) -> Tensor:
+def shift_forward(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int) -> Tensor:
     """Shift-and-accumulate forward: ``sum_t P[t] * shift_t(x)``, then the gate. Differentiable."""
     B, C, H, W = x.shape
     probs, xpad = _softmax_and_padded_input(x, kernel, kernel_size, num_heads)
@@ -82,11 +76,11 @@ def shift_backward(
     grad_out: Tensor,
     x: Tensor,
     kernel: Tensor,
-    gate: Optional[Tensor],
+    gate: Tensor | None,
     kernel_size: int,
     num_heads: int,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Gradients of :func:`shift_forward` by the formulas of SPEC section 1, one tap at a time.
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of :func:`shift_forward` by the formulas of docs/op.md, one tap at a time.
 
     Peak extra memory is a few tensors of the size of ``x`` (fp32) plus one of the size of
     ``kernel``; the ``K*K``-fold unfold is never built.

@@ -9,13 +9,14 @@ own build, can be checked the same way:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .backends import get_backend, memory_format_of
+from .backends import memory_format_of
 from .ops import sgdc_conv
 from .reference import unfold_forward
+from .registry import get_backend
 
 Tensor = torch.Tensor
 
@@ -37,7 +38,7 @@ def make_inputs(
     gate: bool = True,
     memory_format: torch.memory_format = torch.contiguous_format,
     scale: float = 2.0,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Random ``x``, kernel logits (times ``scale``, so the softmax is far from uniform) and gate
     logits (or None) for ``shape = (B, C, H, W, num_heads, kernel_size)``."""
     B, C, H, W, G, K = shape
@@ -49,7 +50,9 @@ def make_inputs(
     return make(C), make(G * K * K, scale), (make(C) if gate else None)
 
 
-def forward_backward(fn: Callable, tensors, grad_out: Tensor):
+def forward_backward(
+    fn: Callable[..., Tensor], tensors: Sequence[Tensor | None], grad_out: Tensor
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """``fn(*leaves)`` and the gradients of ``<fn(...), grad_out>`` for leaves made from ``tensors``
     (``detach`` keeps their strides; a None stays None and gets no gradient)."""
     leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
@@ -57,7 +60,7 @@ def forward_backward(fn: Callable, tensors, grad_out: Tensor):
     return out, torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
 
 
-def oracle(kernel_size: int, num_heads: int) -> Callable:
+def oracle(kernel_size: int, num_heads: int) -> Callable[..., Tensor]:
     """The paper's formulation in float64; its gradients come from autograd."""
 
     def fn(x, kernel, gate):
@@ -67,7 +70,7 @@ def oracle(kernel_size: int, num_heads: int) -> Callable:
     return fn
 
 
-def backend_fn(backend: str, kernel_size: int, num_heads: int) -> Callable:
+def backend_fn(backend: str, kernel_size: int, num_heads: int) -> Callable[..., Tensor]:
     return lambda x, k, g: sgdc_conv(x, k, g, kernel_size=kernel_size, num_heads=num_heads, backend=backend)
 
 
@@ -85,13 +88,13 @@ def tolerances(backend: str, dtype: torch.dtype) -> dict:
     return TOLERANCES[dtype]
 
 
-def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "", tol: Optional[dict] = None) -> None:
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "", tol: dict | None = None) -> None:
     torch.testing.assert_close(
         actual.double(), expected.double(), **(tol or TOLERANCES[dtype]), msg=lambda m: f"{what}: {m}" if what else m
     )
 
 
-def check_tensors(backend: str, tensors, kernel_size: int, num_heads: int) -> None:
+def check_tensors(backend: str, tensors: Sequence[Tensor | None], kernel_size: int, num_heads: int) -> None:
     """``backend`` on these very tensors (any strides) against the oracle: forward and every
     gradient, and results laid out like ``torch.empty_like`` of the inputs in ``x``'s memory
     format (the gradients of ``unfold`` are autograd's, whatever their layout)."""

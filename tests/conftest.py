@@ -8,6 +8,7 @@ Set SGDC_NO_TRITON_INTERPRET=1 to opt out.
 
 import os
 import shutil
+import types
 
 
 def _has_nvidia_gpu() -> bool:
@@ -28,11 +29,33 @@ def _seed():
 
 @pytest.fixture(scope="session", autouse=True)
 def _run_outside_the_checkout(tmp_path_factory):
-    """Tests start from an empty folder: `python -m sgdc_kernels...` and `python -c` in a
-    subprocess put the working directory first on sys.path, and from the repository root they
-    would import the source tree instead of the installed package (which has the compiled
-    extension and sgdc_kernels.triton_ops)."""
+    """Tests start from an empty folder, so that `python -m sgdc_kernels...` and `python -c` in a
+    subprocess import the package as a program elsewhere does (the working directory comes first
+    on sys.path); tests/test_readme.py runs the README's commands from the repository root."""
     here = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(here)
+
+
+VARIANT_ENV = "SGDC_FAKE_VARIANT"
+
+
+@pytest.fixture
+def fake_variants(monkeypatch):
+    """Backend 'torch' replaced, for one test, by one with kernel variants v1 (the default) and v2
+    selected by $SGDC_FAKE_VARIANT; ``fake_variants.seen`` records the variable at each call."""
+    from sgdc_kernels import registry
+    from sgdc_kernels.backends import FLOATING_ALL, Backend
+    from sgdc_kernels.reference import unfold_forward
+
+    seen = []
+
+    def forward(x, kernel, gate, kernel_size, num_heads):
+        seen.append(os.environ.get(VARIANT_ENV))
+        return unfold_forward(x, kernel, gate, kernel_size, num_heads)
+
+    fake = Backend("torch", forward, None, frozenset({"cpu"}), FLOATING_ALL, "fake", ("v1", "v2"), VARIANT_ENV)
+    monkeypatch.setitem(registry._LOADED, "torch", fake)
+    monkeypatch.delenv(VARIANT_ENV, raising=False)
+    return types.SimpleNamespace(backend=fake, seen=seen, env=VARIANT_ENV)

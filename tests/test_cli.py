@@ -6,15 +6,13 @@ import subprocess
 import sys
 
 import sgdc_kernels
-from sgdc_kernels.backends import BACKEND_NAMES
+from sgdc_kernels.registry import BACKEND_NAMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_info_reports_versions_and_every_backend():
-    out = subprocess.run(
-        [sys.executable, "-m", "sgdc_kernels.info"], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run([sys.executable, "-m", "sgdc_kernels.info"], capture_output=True, text=True, check=True).stdout
     assert f"sgdc-kernels {sgdc_kernels.__version__}" in out
     assert "torch" in out and "triton" in out and "extension" in out
     for name in BACKEND_NAMES:
@@ -24,8 +22,8 @@ def test_info_reports_versions_and_every_backend():
 
 def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--device", "cpu",
-           "--shapes", "1x8x9x7x2x3", "--warmup", "0", "--iters", "2", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--device", "cpu", "--shapes", "1x8x9x7x2x3",
+           "--warmup-time", "0", "--time", "0", "--min-iters", "2", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "x unfold" in proc.stdout
     data = json.loads(out.read_text())

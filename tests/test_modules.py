@@ -1,9 +1,9 @@
 """SGDC, SGE and LayerNorm2d: checkpoint compatibility with the released modules and equivalence.
 
-`ReleasedSGDC` and `ReleasedSGE` below transcribe SPEC section 3 literally, the way the authors'
-code is written (F.unfold, dense Sobel convolutions, plain sqrt), with only the einops crash of
-SPEC section 4 fixed. Their state dicts must load strictly into the package's modules and give
-the same outputs.
+`ReleasedSGDC` and `ReleasedSGE` below transcribe the authors' released modules literally, the way
+their code is written (F.unfold, dense Sobel convolutions, plain sqrt), with only the crash of its
+einops pattern (`(hgt*wdt)` for `(hgt wdt)`) fixed. Their state dicts must load strictly into the
+package's modules and give the same outputs.
 """
 
 import pytest
@@ -171,7 +171,7 @@ def test_sge_gradients_finite_on_constant_input(value, mode):
 
 
 def test_released_sge_gradient_is_nan_on_flat_input():
-    # The flaw of SPEC section 4 that SGE fixes: sqrt's gradient at an exactly zero response.
+    # The flaw of the release that SGE fixes: sqrt's gradient at an exactly zero response.
     # Zero input and BN bias 1 make every projected channel exactly 1: a flat, positive response.
     kw = dict(s4_in=8, s1_in=8, mid=8, guide_ch=4, bottleneck=8)
     released, ours = ReleasedSGE(**kw).eval(), SGE(**kw).eval()

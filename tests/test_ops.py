@@ -10,6 +10,8 @@ from sgdc_kernels import BackendUnavailableError, available_backends, get_backen
 from sgdc_kernels.testing import check_backend, check_tensors, make_inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def _backends(device):
     # Under the CPU interpreter, Triton is slow and has its own tests (tests/test_triton.py).
     return [b for b in available_backends(device) if not (b == "triton" and device == "cpu")]
@@ -150,7 +152,7 @@ def test_unavailable_backend_says_why():
 
 
 def test_auto_picks_torch_on_cpu():
-    from sgdc_kernels.backends import resolve_backend
+    from sgdc_kernels.registry import resolve_backend
 
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         assert resolve_backend("auto", "cpu", dtype) == "torch"
@@ -188,9 +190,17 @@ BAD = {
     "int x": (dict(x=torch.ones(2, 8, 5, 6, dtype=torch.int64)), TypeError, "x: expected a floating"),
     "int kernel": (dict(kernel=torch.ones(2, 18, 5, 6, dtype=torch.int32)), TypeError, "kernel: expected a floating"),
     "bool gate": (dict(gate=torch.ones(2, 8, 5, 6, dtype=torch.bool)), TypeError, "gate: expected a floating"),
-    "mixed dtype": (dict(kernel=torch.randn(2, 18, 5, 6, dtype=torch.float64)), TypeError, "kernel: expected x's dtype"),
+    "mixed dtype": (
+        dict(kernel=torch.randn(2, 18, 5, 6, dtype=torch.float64)),
+        TypeError,
+        "kernel: expected x's dtype",
+    ),
     "mixed gate dtype": (dict(gate=torch.randn(2, 8, 5, 6).half()), TypeError, "gate: expected x's dtype"),
-    "mixed device": (dict(gate=torch.randn(2, 8, 5, 6, device="meta")), ValueError, "gate: expected a tensor on x's device"),
+    "mixed device": (
+        dict(gate=torch.randn(2, 8, 5, 6, device="meta")),
+        ValueError,
+        "gate: expected a tensor on x's device",
+    ),
     "gate shape": (dict(gate=torch.randn(2, 8, 5, 5)), ValueError, "gate: expected the shape of x"),
     "gate channels": (dict(gate=torch.randn(2, 4, 5, 6)), ValueError, "gate: expected the shape of x"),
     "x not a tensor": (dict(x=[[1.0]]), TypeError, "x: expected a torch.Tensor"),

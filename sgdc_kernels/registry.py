@@ -1,0 +1,233 @@
+"""The one registry of sgdc_conv backends: their names, how each is loaded, and what "auto" picks.
+
+Backends are loaded lazily, on first use, by a loader that returns a
+:class:`~sgdc_kernels.backends.Backend` or raises :class:`BackendUnavailableError` with the reason
+and the remedy. A backend name may carry a kernel variant, ``"name@variant"`` (see
+:func:`parse_backend`); the variant is selected through the backend's environment variable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from . import _layout
+from .backends import FLOATING_ALL, Backend, BackendUnavailableError, define_ops
+
+# ---------------------------------------------------------------------------------------------
+# Loaders: one per backend. Each returns a Backend or raises BackendUnavailableError.
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_reference(name: str) -> Backend:
+    from . import reference
+
+    if name == "unfold":
+        # The oracle is plain differentiable PyTorch, not a custom operator: its gradients come
+        # from autograd, independently of the hand-written backward formulas of the other
+        # backends, and torch.compile traces it like the authors' code.
+        fwd, bwd = reference.unfold_forward, None
+        desc = "the paper's F.unfold formulation (oracle; needs K*K times the input's memory)"
+    else:
+        fwd, bwd = define_ops("torch", reference.shift_forward, reference.shift_backward)
+        desc = "pure PyTorch shift-and-accumulate, memory proportional to the input"
+    return Backend(name, fwd, bwd, frozenset({"cpu", "cuda"}), FLOATING_ALL, desc)
+
+
+def _load_triton(name: str) -> Backend:
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailableError(
+            "backend 'triton' is unavailable: the triton package is not installed "
+            "(pip install triton; it comes with CUDA builds of torch on Linux)"
+        )
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpret:
+        raise BackendUnavailableError(
+            "backend 'triton' is unavailable: no CUDA GPU is visible (torch.cuda.is_available() is "
+            "False). Run on a machine with an NVIDIA GPU, or set TRITON_INTERPRET=1 before importing "
+            "triton to run the kernels on CPU tensors through the (slow) interpreter"
+        )
+    try:
+        module = _layout.import_triton_ops()
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"backend 'triton' is unavailable: importing sgdc_kernels.triton_ops failed ({exc})"
+        ) from exc
+    return module.BACKEND
+
+
+def _load_cuda(name: str) -> Backend:
+    from . import _cuda
+
+    return _cuda.load_backend()
+
+
+_LOADERS: dict[str, Callable[[str], Backend]] = {
+    "unfold": _load_reference,
+    "torch": _load_reference,
+    "triton": _load_triton,
+    "cuda": _load_cuda,
+}
+
+BACKEND_NAMES: tuple[str, ...] = tuple(_LOADERS)
+
+# "auto" picks the first one that loads and accepts the tensors, in this order per device type.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")}
+
+
+# name -> Backend, or the BackendUnavailableError that explains why it is missing.
+_LOADED: dict[str, Backend | BackendUnavailableError] = {}
+
+
+def _load(name: str) -> Backend | BackendUnavailableError:
+    """Load backend ``name`` once; returns the Backend or the BackendUnavailableError."""
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = _LOADERS[name](name)
+        except BackendUnavailableError as exc:
+            _LOADED[name] = exc
+    return _LOADED[name]
+
+
+def check_name(name: object, *, allow_auto: bool = True) -> str:
+    """``name`` itself when it names a backend (or ``"auto"``); else the TypeError / ValueError
+    that every entry point raises for a mistyped backend."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend: expected a str, got {type(name).__name__}")
+    if name in _LOADERS or (allow_auto and name == "auto"):
+        return name
+    expected = ("'auto' or one of " if allow_auto else "one of ") + ", ".join(BACKEND_NAMES)
+    raise ValueError(f"backend: unknown backend {name!r}; expected {expected}")
+
+
+def get_backend(name: str) -> Backend:
+    """The loaded backend ``name``; raises ValueError for an unknown name and
+    BackendUnavailableError when it cannot run on this machine."""
+    check_name(name, allow_auto=False)
+    loaded = _load(name)
+    if isinstance(loaded, BackendUnavailableError):
+        raise BackendUnavailableError(str(loaded))
+    return loaded
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when backend ``name`` loads here, else why not; ValueError for an unknown name."""
+    check_name(name, allow_auto=False)
+    loaded = _load(name)
+    return str(loaded) if isinstance(loaded, BackendUnavailableError) else None
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Names of the backends that work on this machine; with ``device``, those that accept tensors
+    on that device (``"cpu"``, ``"cuda"``, ``torch.device(...)``)."""
+    names = [n for n in BACKEND_NAMES if unavailable_reason(n) is None]
+    if device is not None:
+        dtype = torch.device(device).type
+        names = [n for n in names if dtype in get_backend(n).device_types]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel variants: "name@variant"
+# ---------------------------------------------------------------------------------------------
+
+
+def selected_variant(backend: Backend) -> str | None:
+    """The variant the kernels of ``backend`` run now: the value of its environment variable, or
+    the default (the first listed variant) while the variable is unset or empty. None for a
+    backend without variants."""
+    if not backend.variants:
+        return None
+    return os.environ.get(backend.variant_env or "") or backend.variants[0]
+
+
+def parse_backend(spec: str) -> tuple[str, str | None]:
+    """Split ``"name"`` or ``"name@variant"`` into (name, variant or None) and check both.
+
+    ``"name@all"`` is returned as is (variant ``"all"``); :func:`expand_variants` lists them.
+    Raises ValueError naming what was expected; the backend must load to check a variant.
+    """
+    name, sep, variant = spec.partition("@")
+    check_name(name, allow_auto=False)
+    if not sep:
+        return name, None
+    backend = get_backend(name)
+    if not backend.variants:
+        raise ValueError(f"backend: {name!r} has no kernel variants; use {name!r} without '@{variant}'")
+    if variant != "all" and variant not in backend.variants:
+        raise ValueError(
+            f"backend: unknown variant {variant!r} of {name!r}; expected 'all' or one of " + ", ".join(backend.variants)
+        )
+    return name, variant
+
+
+def expand_variants(spec: str) -> list[str]:
+    """``"name@all"`` -> ``["name@v1", "name@v2", ...]``; other specs are checked and kept."""
+    name, variant = parse_backend(spec)
+    if variant == "all":
+        return [f"{name}@{v}" for v in get_backend(name).variants]
+    return [spec]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution, as sgdc_conv does it
+# ---------------------------------------------------------------------------------------------
+
+
+def _assume_constant_result(fn):
+    # Exactly what torch.compiler.assume_constant_result does, without importing torch._dynamo
+    # (1.6 s) at `import sgdc_kernels`. The tests compile a first call with fullgraph=True, which
+    # fails if torch stops honouring the mark.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+_WARNED_SHADOWED = []
+
+
+@_assume_constant_result
+def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
+    """The backend that ``name`` means for tensors of this device type and dtype.
+
+    Raises ValueError / BackendUnavailableError / TypeError with what was expected. Under
+    torch.compile this runs once at trace time and its result is a constant.
+    """
+    check_name(name)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device_type, ("torch",)):
+            loaded = _load(candidate)
+            if not isinstance(loaded, BackendUnavailableError) and (
+                device_type in loaded.device_types and dtype in loaded.dtypes
+            ):
+                return candidate
+            if candidate == "cuda" and not _WARNED_SHADOWED:
+                note = _layout.shadowed_install_note()
+                if note:  # the user installed the extension but imports a copy without it
+                    _WARNED_SHADOWED.append(note)
+                    warnings.warn(f"backend 'auto' skips 'cuda': {note}", stacklevel=3)
+        raise ValueError(f"x: no backend accepts {dtype} tensors on device type {device_type!r}")
+    backend = get_backend(name)
+    if device_type not in backend.device_types:
+        raise BackendUnavailableError(
+            f"backend {name!r} does not run on {device_type!r} tensors; it accepts "
+            f"{', '.join(sorted(backend.device_types))} tensors"
+            + (
+                " (set TRITON_INTERPRET=1 before importing triton to run it on the CPU)"
+                if name == "triton" and device_type == "cpu"
+                else ""
+            )
+        )
+    if dtype not in backend.dtypes:
+        allowed = ", ".join(sorted(str(d).replace("torch.", "") for d in backend.dtypes))
+        raise TypeError(f"x: backend {name!r} does not support dtype {dtype}; it supports {allowed}")
+    return name
+
+
+def forward_op(name: str) -> Callable[..., torch.Tensor]:
+    """The forward of a backend that resolve_backend already loaded (a plain dict read, which
+    torch.compile traces without re-running the loader)."""
+    return _LOADED[name].forward

@@ -1,0 +1,118 @@
+"""bench/run.py: time-based measurements with their spread, aligned rows printed once, --threads,
+kernel variants, and one clear line for a bad --backends."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "run.py")
+SHAPE = "1x4x5x6x2x3"
+VARIANT_ENV = "SGDC_FAKE_VARIANT"  # the fake_variants fixture's (tests/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("sgdc_bench_run_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(bench, tmp_path, *args):
+    out = tmp_path / "bench.json"
+    fast = ["--device", "cpu", "--shapes", SHAPE, "--warmup-time", "0", "--time", "0", "--min-iters", "3"]
+    assert bench.main([*fast, "--no-memory", "--out", str(out), *args]) == 0
+    return json.loads(out.read_text())
+
+
+def test_summary_and_spread(bench):
+    stats = bench.summarize([4.0, 1.0, 2.0, 3.0, 5.0])
+    assert stats == {"median": 3.0, "q1": 2.0, "q3": 4.0, "min": 1.0, "max": 5.0, "n": 5}
+    assert bench.spread(stats) == pytest.approx(2 / 3)
+    assert bench.summarize([7.0])["q1"] == 7.0
+
+
+def test_measurements_run_by_time_with_an_iteration_floor(bench):
+    calls = []
+    stats = bench.measure(lambda: calls.append(1), "cpu", bench.Timing(0.0, 0.05, 5))
+    assert stats["n"] >= 5 and len(calls) >= stats["n"] + 1  # the first call is never timed
+    assert bench.measure(lambda: None, "cpu", bench.Timing(0.0, 0.0, 4))["n"] == 4
+
+
+def test_rows_are_printed_once_aligned_with_their_spread(bench, tmp_path, capsys):
+    data = _run(bench, tmp_path, "--backends", "unfold,torch")
+    lines = capsys.readouterr().out.splitlines()
+    table = [line for line in lines if line.startswith(("shape", "---", SHAPE))]
+    assert [line.split()[3] for line in table[2:]] == ["unfold", "torch"]  # each row once
+    assert "iqr %" in table[0]
+    assert len({len(line) for line in table}) == 1  # one width: the columns line up
+    for row in data["results"]:
+        for key in ("fwd", "fwdbwd"):
+            assert (
+                row[f"{key}_min_ms"]
+                <= row[f"{key}_q1_ms"]
+                <= row[f"{key}_ms"]
+                <= row[f"{key}_q3_ms"]
+                <= row[f"{key}_max_ms"]
+            )
+            assert row[f"{key}_n"] >= 3
+
+
+def test_a_large_spread_is_flagged(bench, tmp_path, capsys, monkeypatch):
+    noisy = {"median": 10.0, "q1": 5.0, "q3": 20.0, "min": 1.0, "max": 50.0, "n": 5}
+    monkeypatch.setattr(bench, "measure", lambda step, device, timing: dict(noisy))
+    _run(bench, tmp_path, "--backends", "torch")
+    err = capsys.readouterr().err
+    assert "the interquartile range exceeds 10% of the median in 2 measurements" in err
+    assert f"{SHAPE} float32 nchw torch fwd+bwd: 150%" in err
+
+
+def test_threads(bench, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert _run(bench, tmp_path, "--backends", "torch", "--threads", "1")["meta"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_variants_are_timed_one_row_each_and_the_environment_restored(bench, tmp_path, fake_variants, monkeypatch):
+    monkeypatch.setenv(VARIANT_ENV, "v2")
+    data = _run(bench, tmp_path, "--backends", "unfold,torch@all")
+    assert [r["backend"] for r in data["results"]] == ["unfold", "torch@v1", "torch@v2"]
+    assert [r.get("variant") for r in data["results"]] == [None, "v1", "v2"]
+    assert set(fake_variants.seen) == {"v1", "v2"}
+    assert os.environ[VARIANT_ENV] == "v2"
+    monkeypatch.delenv(VARIANT_ENV)
+    fake_variants.seen.clear()
+    _run(bench, tmp_path, "--backends", "torch@v2")
+    assert set(fake_variants.seen) == {"v2"} and VARIANT_ENV not in os.environ
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("cdua", "--backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda"),
+        ("torch@v9", "--backends: unknown variant 'v9' of 'torch'; expected 'all' or one of v1, v2"),
+        ("unfold@v1", "--backends: 'unfold' has no kernel variants; use 'unfold' without '@v1'"),
+    ],
+)
+def test_a_bad_backend_is_one_line(bench, tmp_path, capsys, fake_variants, spec, message):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu", "--backends", spec, "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(message) and "Traceback" not in "\n".join(err)
+
+
+def test_a_bad_backend_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--backends", "cdua"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "run.py: error: --backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda"
+    )

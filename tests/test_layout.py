@@ -1,0 +1,165 @@
+"""Which copy of the package runs, and what it says when its compiled parts are elsewhere or were
+built against another torch."""
+
+import importlib.machinery
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import sgdc_kernels
+from sgdc_kernels import BackendUnavailableError, _cuda, _layout, registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SO = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def _fake_checkout(tmp_path, with_extension: bool) -> str:
+    """A repository layout: <tmp>/repo/{setup.py, csrc/, triton_ops/__init__.py, sgdc_kernels/}."""
+    repo = tmp_path / "repo"
+    (repo / "csrc").mkdir(parents=True)
+    (repo / "triton_ops").mkdir()
+    (repo / "triton_ops" / "__init__.py").write_text("")
+    (repo / "setup.py").write_text("")
+    (repo / "sgdc_kernels").mkdir()
+    if with_extension:
+        (repo / "sgdc_kernels" / SO).write_text("")
+    return str(repo / "sgdc_kernels")
+
+
+def _fake_install(tmp_path, with_extension: bool = True) -> str:
+    site = tmp_path / "site-packages" / "sgdc_kernels"
+    site.mkdir(parents=True)
+    if with_extension:
+        (site / SO).write_text("")
+    return str(site)
+
+
+def test_a_checkout_without_the_extension_names_the_installed_copy_and_the_fixes(tmp_path, monkeypatch):
+    here = _fake_checkout(tmp_path, with_extension=False)
+    installed = _fake_install(tmp_path)
+    monkeypatch.setattr(_layout, "PACKAGE_DIR", here)
+    monkeypatch.setattr(_layout, "installed_copy", lambda: installed)
+    note = _layout.shadowed_install_note()
+    assert here in note and installed in note
+    assert "Run from another directory" in note and "pip install --no-build-isolation -e ." in note
+    assert _layout.describe() == f"{here} (source checkout, imported instead of the installed copy {installed})"
+    # the cuda backend gives the same reason, whatever the machine has
+    monkeypatch.setattr(_cuda, "_find_extension", lambda: None)
+    with pytest.raises(BackendUnavailableError) as exc:
+        _cuda.load_backend()
+    assert note in str(exc.value)
+
+
+@pytest.mark.parametrize("checkout_has_it,installed_has_it", [(True, True), (False, False)])
+def test_no_note_when_nothing_is_shadowed(tmp_path, monkeypatch, checkout_has_it, installed_has_it):
+    here = _fake_checkout(tmp_path, with_extension=checkout_has_it)
+    installed = _fake_install(tmp_path, with_extension=installed_has_it)
+    monkeypatch.setattr(_layout, "PACKAGE_DIR", here)
+    monkeypatch.setattr(_layout, "installed_copy", lambda: installed)
+    assert _layout.shadowed_install_note() is None
+
+
+def test_describe_an_editable_and_a_regular_install(tmp_path, monkeypatch):
+    here = _fake_checkout(tmp_path, with_extension=True)
+    monkeypatch.setattr(_layout, "PACKAGE_DIR", here)
+    monkeypatch.setattr(_layout, "installed_copy", lambda: here)
+    assert _layout.describe() == f"{here} (source checkout, editable install)"
+    site = _fake_install(tmp_path)
+    monkeypatch.setattr(_layout, "PACKAGE_DIR", site)
+    monkeypatch.setattr(_layout, "installed_copy", lambda: site)
+    assert _layout.describe() == f"{site} (installed, not editable)"
+
+
+def test_auto_warns_once_when_it_skips_a_shadowed_extension(monkeypatch):
+    note = "the source tree is imported instead of the installed copy"
+    monkeypatch.setattr(_layout, "shadowed_install_note", lambda: note)
+    monkeypatch.setitem(registry._LOADED, "cuda", BackendUnavailableError("no"))
+    monkeypatch.setattr(registry, "_WARNED_SHADOWED", [])
+    with pytest.warns(UserWarning, match="backend 'auto' skips 'cuda': " + note):
+        registry.resolve_backend("auto", "cuda", torch.float32)
+
+
+def test_info_says_which_copy_is_loaded():
+    out = subprocess.run([sys.executable, "-m", "sgdc_kernels.info"], capture_output=True, text=True, check=True).stdout
+    assert f"loaded from {_layout.describe()}" in out
+    assert os.path.realpath(os.path.dirname(sgdc_kernels.__file__)) in out
+
+
+def test_the_source_tree_finds_its_triton_kernels_without_an_install():
+    # -S: no site-packages .pth files, so no editable-install finder; the source tree comes first
+    # and must map triton_ops/ itself (TRITON_INTERPRET=1 lets the backend load on a CPU).
+    paths = [ROOT] + [p for p in sys.path if p and os.path.isdir(p)]
+    code = (
+        "import sys, sgdc_kernels\n"
+        "assert sgdc_kernels.__file__.startswith(sys.argv[1]), sgdc_kernels.__file__\n"
+        "assert sgdc_kernels.unavailable_reason('triton') is None, sgdc_kernels.unavailable_reason('triton')\n"
+        "print(sys.modules['sgdc_kernels.triton_ops'].__file__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-S", "-c", code, ROOT], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == os.path.join(ROOT, "triton_ops", "__init__.py")
+
+
+# ------------------------------------------------------------------------------------------------
+# An extension built against another torch
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def built_against_other_torch(monkeypatch):
+    config = types.ModuleType("sgdc_kernels._build_config")
+    config.TORCH_VERSION = "1.13.0+cu117"
+    monkeypatch.setitem(sys.modules, "sgdc_kernels._build_config", config)
+    real = _cuda._find_extension()
+    # where the extension is built (CI), the real one, which must then stay unloaded
+    monkeypatch.setattr(_cuda, "_find_extension", lambda: real or object())
+    return real is not None
+
+
+def test_a_torch_mismatch_is_reported_before_loading(built_against_other_torch):
+    already_loaded = "sgdc_kernels._C" in sys.modules
+    with pytest.raises(BackendUnavailableError) as exc:
+        _cuda.load_backend()
+    msg = str(exc.value)
+    assert "built against torch 1.13.0+cu117" in msg and f"torch {torch.__version__} is running" in msg
+    assert "pip install --no-build-isolation" in msg
+    if built_against_other_torch and not already_loaded:
+        assert "sgdc_kernels._C" not in sys.modules
+    assert _cuda.build_info() is None
+
+
+def test_a_matching_build_passes_the_check(monkeypatch):
+    config = types.ModuleType("sgdc_kernels._build_config")
+    config.TORCH_VERSION = torch.__version__
+    monkeypatch.setitem(sys.modules, "sgdc_kernels._build_config", config)
+    assert _cuda.torch_mismatch() is None
+
+
+# ------------------------------------------------------------------------------------------------
+# A quiet install
+# ------------------------------------------------------------------------------------------------
+
+
+def test_numpy_is_a_dependency_because_torch_warns_without_it():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].strip() == "numpy" for d in deps)
+    # without it, torch's custom-operator machinery (which every backend uses) prints "Failed to
+    # initialize NumPy" on first use: `sys.modules['numpy'] = None` before `import torch` shows it
+
+
+def test_using_the_package_prints_nothing_to_stderr():
+    code = (
+        "import torch, sgdc_kernels\n"
+        "x = torch.randn(1, 4, 5, 5)\n"
+        "sgdc_kernels.sgdc_conv(x, torch.randn(1, 18, 5, 5), kernel_size=3, num_heads=2, backend='torch')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stderr == ""

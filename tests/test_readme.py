@@ -1,0 +1,85 @@
+"""Every command in the README's bash blocks, run as written from the repository root (where the
+quick start leaves a user), or skipped for a stated reason. A command this file does not know
+fails the test, so a new README command comes with its check."""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the small run of the benchmark: the same script and defaults, one tiny shape, no timing budget
+BENCH_SMALL = ["--shapes", "1x8x9x7x2x3", "--warmup-time", "0", "--time", "0", "--min-iters", "2", "--no-memory"]
+SKIPPED = {
+    "pip": "CI runs the quick start's install itself (.ci/run), in a fresh environment",
+    "pytest": "this is the test suite",
+    "torchrun": "DDP needs several processes; tests/test_train.py runs DDP with gloo",
+    "cmake": "tests/test_cmake.py builds csrc/ with CMake (minutes of nvcc)",
+}
+
+
+def readme_commands() -> list[str]:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        block = re.sub(r"\\\n\s*", " ", block)  # continuation lines
+        for line in block.splitlines():
+            line = line.split(" # ")[0].strip()
+            if line and not line.startswith("#"):
+                commands += [c.strip() for c in line.split("&&")]
+    return commands
+
+
+def _python(args: list[str]) -> list[str]:
+    return [sys.executable if a == "python" else a for a in args]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(_python(args), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+_HELP: dict[str, subprocess.CompletedProcess] = {}  # module -> its --help run, once per module
+
+
+def _extension_line(cwd: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "sgdc_kernels.info"], cwd=cwd, capture_output=True, text=True, check=True
+    )
+    return next(line for line in out.stdout.splitlines() if line.startswith("extension"))
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_from_the_repository_root(command, tmp_path):
+    args = shlex.split(command)
+    if args[0] in SKIPPED:
+        pytest.skip(SKIPPED[args[0]])
+    assert args[0] == "python", f"README command not covered by tests/test_readme.py: {command}"
+    if args[1:] == ["-m", "sgdc_kernels.info"]:
+        proc = _run(args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"loaded from {os.path.realpath(os.path.join(ROOT, 'sgdc_kernels'))} (source checkout" in proc.stdout
+        # the root sees what the installed package has: the same extension as from anywhere else
+        assert _extension_line(ROOT) == _extension_line(str(tmp_path))
+    elif args[1] == "bench/run.py":
+        proc = _run(args + BENCH_SMALL + ["--out", str(tmp_path / "bench.json")])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "x unfold" in proc.stdout and (tmp_path / "bench.json").exists()
+    elif args[1] == "-m":
+        # an application entry point (paths in its arguments are placeholders): it must import and
+        # parse its arguments from the root
+        if args[2] not in _HELP:
+            _HELP[args[2]] = _run(args[:3] + ["--help"])
+        proc = _HELP[args[2]]
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "usage:" in proc.stdout
+    else:
+        pytest.fail(f"README command not covered by tests/test_readme.py: {command}")
+
+
+def test_the_readme_has_the_commands_this_file_checks():
+    commands = readme_commands()
+    assert "python -m sgdc_kernels.info" in commands
+    assert any(c.startswith("python bench/run.py") for c in commands)
