@@ -87,8 +87,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="90", help="compute capability without the dot (default 90)")
     ap.add_argument("--all", action="store_true", help="every kernel, not only the K=7 ones")
-    ap.add_argument("--dtypes", choices=sorted(INSTANCES), default="all",
-                    help="instantiate every dtype (default) or float32 only (faster)")
+    ap.add_argument(
+        "--dtypes",
+        choices=sorted(INSTANCES),
+        default="all",
+        help="instantiate every dtype (default) or float32 only (faster)",
+    )
     args = ap.parse_args(argv)
     import torch.utils.cpp_extension as ce
 
@@ -143,7 +147,9 @@ def main(argv=None) -> int:
         if not args.all and not re.search(r"[<,] ?7, ", label):
             continue
         u, c = usage.get(name, {}), counts.get(name, {})
-        rows.append((label, u.get("regs", "?"), u.get("spill", 0), u.get("stack", 0), *(c.get(op, 0) for op in COUNTED)))
+        rows.append(
+            (label, u.get("regs", "?"), u.get("spill", 0), u.get("stack", 0), *(c.get(op, 0) for op in COUNTED))
+        )
     header = ("kernel", "regs", "spill B", "stack B", *COUNTED)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

@@ -28,6 +28,9 @@ _HOW_TO_BUILD = (
     "TORCH_CUDA_ARCH_LIST picks the GPUs)"
 )
 
+# Read by the kernels on every call (csrc/cuda/kernels.cuh); the extension lists the variants.
+VARIANT_ENV = "SGDC_CUDA_VARIANT"
+
 _registered = False
 
 
@@ -81,7 +84,8 @@ def _import_extension():
 
 def build_info() -> dict | None:
     """What the extension was compiled for, e.g. ``{"archs": ["sm_80", "sm_90"], "cuda": "13.0",
-    "torch": "2.14.1"}``; None when it is not built (or does not load)."""
+    "torch": "2.14.1", "kernel variants": ["v2", "v1"]}``; None when it is not built (or does not
+    load)."""
     try:
         ext = _import_extension()
     except ImportError:
@@ -91,7 +95,12 @@ def build_info() -> dict | None:
         item = item.strip()
         if item.isdigit():  # nvcc's __CUDA_ARCH_LIST__ writes 800 for sm_80, 1000 for sm_100
             archs.append(f"sm_{int(item) // 10}")
-    return {"archs": archs, "cuda": ext.CUDA_VERSION, "torch": ext.TORCH_VERSION or None}
+    return {
+        "archs": archs,
+        "cuda": ext.CUDA_VERSION,
+        "torch": ext.TORCH_VERSION or None,
+        "kernel variants": ext.VARIANTS.split(","),  # chosen by SGDC_CUDA_VARIANT, the first by default
+    }
 
 
 def load_backend() -> Backend:
@@ -110,4 +119,13 @@ def load_backend() -> Backend:
             "(torch.cuda.is_available() is False)"
         )
     fwd, bwd = torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default
-    return Backend("cuda", fwd, bwd, frozenset({"cuda"}), FLOATING_GPU, "fused CUDA C++ kernels (csrc/)")
+    return Backend(
+        "cuda",
+        fwd,
+        bwd,
+        frozenset({"cuda"}),
+        FLOATING_GPU,
+        "fused CUDA C++ kernels (csrc/)",
+        variants=tuple(build_info()["kernel variants"]),  # the default first
+        variant_env=VARIANT_ENV,
+    )

@@ -19,7 +19,10 @@ NVCC = os.path.join(CUDA_HOME, "bin", "nvcc")
 
 
 @pytest.mark.skipif(
-    shutil.which("cmake") is None or shutil.which("ninja") is None or not os.path.exists(NVCC) or torch.version.cuda is None,
+    shutil.which("cmake") is None
+    or shutil.which("ninja") is None
+    or not os.path.exists(NVCC)
+    or torch.version.cuda is None,
     reason="needs cmake, ninja, nvcc and a CUDA build of torch",
 )
 def test_cmake_builds_a_library_that_registers_the_operators(tmp_path):

@@ -50,6 +50,7 @@ def variant(request, monkeypatch):
         monkeypatch.setenv("SGDC_CUDA_VARIANT", request.param)
     return request.param
 
+
 # ---------------------------------------------------------------------------------------------
 # Without a GPU: registration, schemas, fakes, autograd wiring, availability.
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ def test_build_info():
     assert all(a.startswith("sm_") for a in info["archs"])
     assert info["cuda"].count(".") == 1
     assert info["torch"] == torch.__version__.split("+")[0]
+    assert info["kernel variants"] == VARIANTS and len(VARIANTS) == len(set(VARIANTS)) >= 1
 
 
 def test_extension_and_python_ops_share_the_namespace():
@@ -226,7 +228,9 @@ def test_opcheck(channels_last, gate, variant):
     args = (x.requires_grad_(), k.requires_grad_(), g.requires_grad_() if gate else None, 3, 2)
     torch.library.opcheck(torch.ops.sgdc.cuda_forward.default, args)
     dout = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.sgdc.cuda_backward.default, (dout, *(a.detach() if isinstance(a, torch.Tensor) else a for a in args)))
+    torch.library.opcheck(
+        torch.ops.sgdc.cuda_backward.default, (dout, *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    )
 
 
 @requires_gpu
@@ -267,7 +271,11 @@ def test_tensor_over_2_31_elements(variant):
 
         ref_out, (ref_dx, ref_dk) = forward_backward(oracle(K, G), (crop(x), crop(k), None), crop(dout).double())
         # keep the part at least m away from the crop's inner edges
-        keep = (slice(None), slice(None), slice(0, n - m) if top == 0 else slice(m, n),
-                slice(0, n - m) if left == 0 else slice(m, n))
+        keep = (
+            slice(None),
+            slice(None),
+            slice(0, n - m) if top == 0 else slice(m, n),
+            slice(0, n - m) if left == 0 else slice(m, n),
+        )
         for got, ref, what in ((out, ref_out, "out"), (dx, ref_dx, "dx"), (dk, ref_dk, "dkernel")):
             assert_close(crop(got)[keep], ref[keep], torch.float16, what)

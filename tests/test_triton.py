@@ -166,7 +166,9 @@ def test_interpreter_empty_tensors(variant):
 def test_interpreter_opcheck(with_gate):
     # Eager checks only: under the interpreter the kernels cannot be traced into a graph
     # (torch.compile and test_aot_dispatch_dynamic need a GPU; see test_gpu_opcheck).
-    x, kernel, gate = (t.requires_grad_() if t is not None else None for t in _inputs((1, 4, 4, 3, 2, 3), gate=with_gate))
+    x, kernel, gate = (
+        t.requires_grad_() if t is not None else None for t in _inputs((1, 4, 4, 3, 2, 3), gate=with_gate)
+    )
     backend = get_backend("triton")
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2), test_utils=checks)
@@ -178,9 +180,15 @@ def test_interpreter_opcheck(with_gate):
 def test_variant_is_read_at_each_call(monkeypatch):
     launched = []
     real_launch = impl._launch
-    monkeypatch.setattr(impl, "_launch", lambda kernel, *a, **kw: launched.append(kernel.__name__) or real_launch(kernel, *a, **kw))
+    monkeypatch.setattr(
+        impl, "_launch", lambda kernel, *a, **kw: launched.append(kernel.__name__) or real_launch(kernel, *a, **kw)
+    )
     x, kernel, gate = _inputs((1, 2, 3, 3, 1, 3))
-    for name, expected in [("v1", "_sgdc_fwd_kernel"), ("v2dot", "_sgdc_fwd_dot_kernel"), ("v2dot16", "_sgdc_fwd_kernel")]:
+    for name, expected in [
+        ("v1", "_sgdc_fwd_kernel"),
+        ("v2dot", "_sgdc_fwd_dot_kernel"),
+        ("v2dot16", "_sgdc_fwd_kernel"),
+    ]:
         monkeypatch.setenv(impl.VARIANT_ENV, name)
         sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=1, backend="triton")
         assert launched[-1] == expected, name
@@ -312,7 +320,10 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     # every kernel of every variant, in fp32 and bf16
     assert {(r["kernel"], r["dtype"]) for r in rows} == {
         (f"{family} {part}", dtype)
-        for family, parts in (("v1", ("forward", "backward taps", "backward dx")), ("band", ("forward", "backward", "backward dx")))
+        for family, parts in (
+            ("v1", ("forward", "backward taps", "backward dx")),
+            ("band", ("forward", "backward", "backward dx")),
+        )
         for part in parts
         for dtype in ("fp32", "bf16")
     }

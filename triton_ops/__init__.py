@@ -1,7 +1,7 @@
 """Triton kernels for sgdc_conv (installed as sgdc_kernels.triton_ops).
 
 Importing this module defines the operators ``sgdc::triton_forward`` / ``sgdc::triton_backward``
-(see sgdc_conv.py) and exposes them as :data:`BACKEND` for the registry in sgdc_kernels.backends.
+(see sgdc_conv.py) and exposes them as :data:`BACKEND` for the registry (sgdc_kernels.registry).
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors through Triton's interpreter (float32 only,
 slow: for testing the kernels' logic on machines without a GPU).
 """
@@ -10,7 +10,7 @@ import torch
 
 from sgdc_kernels.backends import FLOATING_GPU, Backend
 
-from .sgdc_conv import INTERPRET, sgdc_triton_backward, sgdc_triton_forward
+from .sgdc_conv import INTERPRET, VARIANT_ENV, VARIANTS, sgdc_triton_backward, sgdc_triton_forward
 
 BACKEND = Backend(
     "triton",
@@ -20,6 +20,8 @@ BACKEND = Backend(
     frozenset({torch.float32}) if INTERPRET else FLOATING_GPU,
     "fused Triton kernels, forward and deterministic backward"
     + (" (TRITON_INTERPRET=1: CPU tensors through the interpreter, float32)" if INTERPRET else ""),
+    variants=VARIANTS,
+    variant_env=VARIANT_ENV,
 )
 
 __all__ = ["BACKEND"]

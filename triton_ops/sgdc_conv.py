@@ -119,7 +119,9 @@ def _prob(tap_ptr, pix, skp, mask, lse):
 def _load_tile(ptr, offs_c, sxc, pix, sxp, mask_c, mask_pix):
     """The (channels, pixels) tile of an x-like tensor at channels offs_c and flat pixels pix, in
     the tensor's dtype, zero where masked (outside the image)."""
-    return tl.load(ptr + offs_c[:, None] * sxc + pix[None, :] * sxp, mask=mask_c[:, None] & mask_pix[None, :], other=0.0)
+    return tl.load(
+        ptr + offs_c[:, None] * sxc + pix[None, :] * sxp, mask=mask_c[:, None] & mask_pix[None, :], other=0.0
+    )
 
 
 @triton.jit
@@ -326,8 +328,9 @@ def _forward_band(k_base, skc, skp, u, d, offs_p, mask_p, lse, K: tl.constexpr):
 
 
 @triton.jit
-def _ungated_rows(x_head, sxc, sxp, offs_c, mask_c, k_base, skc, skp, i, H, W, d, offs_p, mask_p, hcols, hcol_ok, lse,
-                  K: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+def _ungated_rows(x_head, sxc, sxp, offs_c, mask_c, k_base, skc, skp, i, H, W, d, offs_p, mask_p, hcols, hcol_ok,
+                  lse, K: tl.constexpr, BW: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):  # fmt: skip
     """y = sum_t P[t] * x_t for the channels offs_c of the segment (BLOCK_C x BW, fp32)."""
     R: tl.constexpr = K // 2
     acc = tl.zeros([offs_c.shape[0], BW], tl.float32)
@@ -416,7 +419,9 @@ def _sgdc_bwd_dot_kernel(
         in_band = (d >= 0) & (d < K) & mask_p[None, :]
         band = _forward_band(k_ptr + k_off, skc, skp, u, d, offs_p, mask_p, lse, K)
         dk = band * (dp - s_pdp[None, :])
-        tl.store(dk_ptr + k_off + (u * K + d) * skc + offs_p[None, :] * skp, dk.to(dk_ptr.dtype.element_ty), mask=in_band)
+        tl.store(
+            dk_ptr + k_off + (u * K + d) * skc + offs_p[None, :] * skp, dk.to(dk_ptr.dtype.element_ty), mask=in_band
+        )
 
 
 @triton.jit
@@ -471,7 +476,11 @@ def _dot_blocks(cg: int, kernel_size: int, dtype: torch.dtype) -> dict:
     """Launch parameters of the band kernels: segments of BW = 16 pixels (the smallest tl.dot
     side), the halo rounded up to a power of two, the whole head in one channel block up to 64
     channels; fp32 products in tf32x3."""
-    blocks = dict(INTERPRET_DOT_BLOCKS) if INTERPRET else {"BW": 16, "BLOCK_C": max(16, min(triton.next_power_of_2(int(cg)), 64))}
+    blocks = (
+        dict(INTERPRET_DOT_BLOCKS)
+        if INTERPRET
+        else {"BW": 16, "BLOCK_C": max(16, min(triton.next_power_of_2(int(cg)), 64))}
+    )
     blocks["HALO"] = triton.next_power_of_2(blocks["BW"] + kernel_size - 1)
     fp32 = dtype == torch.float32
     blocks.update(PRECISION="tf32x3" if fp32 else "ieee", UPCAST=INTERPRET and dtype == torch.bfloat16)
@@ -484,7 +493,9 @@ def variant() -> str:
     """The kernel family named by SGDC_TRITON_VARIANT (read at each call), by default VARIANTS[0]."""
     name = os.environ.get(VARIANT_ENV) or VARIANTS[0]
     if name not in VARIANTS:
-        raise ValueError(f"{VARIANT_ENV}={name!r} is not a triton kernel variant; expected one of {', '.join(VARIANTS)}")
+        raise ValueError(
+            f"{VARIANT_ENV}={name!r} is not a triton kernel variant; expected one of {', '.join(VARIANTS)}"
+        )
     return name
 
 
@@ -568,9 +579,7 @@ def _segment_grid(x: Tensor, num_heads: int):
 
 
 @triton_op("sgdc::triton_forward", mutates_args=())
-def sgdc_triton_forward(
-    x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int
-) -> Tensor:
+def sgdc_triton_forward(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int) -> Tensor:
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out

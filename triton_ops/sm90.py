@@ -5,7 +5,8 @@
 Triton compiles to a cubin with its own ptxas and needs no device for that; the wheel also ships
 cuobjdump, whose SASS listing gives, per kernel: registers, spills, shared memory, and the count of
 global loads (LDG), shared loads (LDS, LDSM), and tensor-core instructions (HMMA, HGMMA) in the
-code, at the paper shape (B=8, C=256, 128x128, 4 heads, K=7). Run it with TRITON_INTERPRET unset (the interpreter never compiles).
+code, at the paper shape (B=8, C=256, 128x128, 4 heads, K=7). Run it with TRITON_INTERPRET unset
+(the interpreter never compiles).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 
 INTS = ["H", "W", "CG", "G", "sxb", "sxc", "sxp", "skb", "skc", "skp"]
 # Static instruction counts, by SASS opcode prefix (each one line of the listing).
-OPCODES = {"STL": r"\bSTL(\.|\s)", "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS\.", "LDS": r"\bLDS(\.|\s)", "LDSM": r"\bLDSM\.", "STS": r"\bSTS(\.|\s)",
-           "STG": r"\bSTG\.", "HMMA": r"\bHMMA\.", "HGMMA": r"\bHGMMA\.", "FFMA": r"\bFFMA\b", "MUFU": r"\bMUFU\."}  # fmt: skip
+OPCODES = {"STL": r"\bSTL(\.|\s)", "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS\.", "LDS": r"\bLDS(\.|\s)",
+           "LDSM": r"\bLDSM\.", "STS": r"\bSTS(\.|\s)", "STG": r"\bSTG\.", "HMMA": r"\bHMMA\.",
+           "HGMMA": r"\bHGMMA\.", "FFMA": r"\bFFMA\b", "MUFU": r"\bMUFU\."}  # fmt: skip
 
 
 PAPER_SHAPE = (8, 256, 128, 128, 4, 7)  # B, C, H, W, heads, K
@@ -38,10 +40,12 @@ def _kernels(m, shape, dtype: str):
     band = {**m._dot_blocks(C // G, K, torch_dtype), "K": K, "HAS_GATE": True, "SPLIT": dtype != "fp32"}
     lse, dp = ("lse_ptr", "fp32"), ("dp_ptr", "fp32")
     yield "v1 forward", m._sgdc_fwd_kernel, ["x_ptr", "k_ptr", "g_ptr", "out_ptr"], taps
-    yield "v1 backward taps", m._sgdc_bwd_taps_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr", "gy_ptr", dp, lse], taps  # fmt: skip
+    yield "v1 backward taps", m._sgdc_bwd_taps_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr",
+                                                        "gy_ptr", dp, lse], taps  # fmt: skip
     yield "v1 backward dx", m._sgdc_bwd_dx_kernel, ["gy_ptr", "k_ptr", lse, "dx_ptr"], taps
     yield "band forward", m._sgdc_fwd_dot_kernel, ["x_ptr", "k_ptr", "g_ptr", "out_ptr"], band
-    yield "band backward", m._sgdc_bwd_dot_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr", "gy_ptr", lse], band  # fmt: skip
+    yield "band backward", m._sgdc_bwd_dot_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr",
+                                                    "gy_ptr", lse], band  # fmt: skip
     yield "band backward dx", m._sgdc_bwd_dx_dot_kernel, ["gy_ptr", "k_ptr", lse, "dx_ptr"], band
 
 
@@ -59,14 +63,19 @@ def _sass_stats(cubin: bytes, tool: Path) -> tuple[dict, str]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        run = lambda *a: subprocess.run([str(tool), *a, f.name], check=True, capture_output=True, text=True).stdout
+
+        def run(*args):
+            return subprocess.run([str(tool), *args, f.name], check=True, capture_output=True, text=True).stdout
+
         usage, sass = run("-res-usage"), run("-sass")
     stats = {key.lower(): int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", usage)}
     stats.update({name: len(re.findall(pattern, sass)) for name, pattern in OPCODES.items()})
     return stats, sass
 
 
-def compile_all(shape=PAPER_SHAPE, layouts=("nchw", "channels_last"), dtypes=("fp32", "bf16"), sass_dir=None) -> list[dict]:
+def compile_all(
+    shape=PAPER_SHAPE, layouts=("nchw", "channels_last"), dtypes=("fp32", "bf16"), sass_dir=None
+) -> list[dict]:
     """Compile every kernel for sm_90 as a launch on ``shape`` would (Triton specializes integer
     arguments equal to 1, such as the unit stride, and marks those divisible by 16, and the
     pointers, as 16-aligned); one row of statistics per (layout, dtype, kernel)."""
@@ -90,13 +99,16 @@ def compile_all(shape=PAPER_SHAPE, layouts=("nchw", "channels_last"), dtypes=("f
                     signature[arg] = "*" + ty
                 signature.update({n: "i32" for n in INTS if n not in consts})
                 signature.update({n: "constexpr" for n in consts})
-                aligned = [p if isinstance(p, str) else p[0] for p in pointers] + [k for k, v in ints.items() if v % 16 == 0]
+                aligned = [p if isinstance(p, str) else p[0] for p in pointers] + [
+                    k for k, v in ints.items() if v % 16 == 0
+                ]
                 attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
                 src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
                 warps = params.get("num_warps", 4)
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
                 shown = {k: v for k, v in params.items() if k.isupper() and k not in ("K", "HAS_GATE")}
-                row = {"layout": layout, "dtype": dtype, "kernel": name, "warps": warps, **shown, "smem_bytes": compiled.metadata.shared}  # fmt: skip
+                row = {"layout": layout, "dtype": dtype, "kernel": name, "warps": warps, **shown,
+                       "smem_bytes": compiled.metadata.shared}  # fmt: skip
                 if tool.exists():
                     stats, sass = _sass_stats(compiled.asm["cubin"], tool)
                     row.update(stats)
@@ -116,7 +128,10 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     layouts, dtypes = args.layouts.split(","), args.dtypes.split(",")
-    for name, values, allowed in (("--layouts", layouts, ("nchw", "channels_last")), ("--dtypes", dtypes, ("fp32", "bf16"))):
+    for name, values, allowed in (
+        ("--layouts", layouts, ("nchw", "channels_last")),
+        ("--dtypes", dtypes, ("fp32", "bf16")),
+    ):
         if not set(values) <= set(allowed):
             parser.error(f"{name} takes a comma-separated list of {', '.join(allowed)}, got {','.join(values)}")
     rows = compile_all(layouts=layouts, dtypes=dtypes, sass_dir=args.sass)

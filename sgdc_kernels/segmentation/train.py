@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import BackendUnavailableError
-from ..backends import BACKEND_NAMES, resolve_backend
+from ..registry import BACKEND_NAMES, resolve_backend
 from .losses import SegEdgeLoss
 from .metrics import MetricTracker
 
