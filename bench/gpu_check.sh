@@ -11,11 +11,17 @@
 #   3. GPU correctness of every kernel variant of both fused backends against the float64 oracle
 #   4. the benchmark at the paper shape (8x256x128x128, 4 heads, K=7): every variant of cuda and
 #      triton beside torch, unfold and the torch.compile peer; fp32 and bf16; NCHW and channels_last
-#   5. the SGD-Net training step (skipped with a message where timm is missing)
+#   5. the SGD-Net training step (skipped with a message where timm or MONAI is missing: the GPU
+#      machines have no MONAI; carry its wheel, see below)
 #   6. compute-sanitizer memcheck and racecheck on a small case of every variant (skipped with a
 #      message where the tool or the device is not supported)
 #   7. the benchmark's two other shapes
-# then prints a short table of the paper-shape results. Exit status 0 only if every stage ran
+# then prints a short table of the paper-shape results (bench/summary.py).
+#
+# Wheels of packages the machine lacks, if any, are installed from .whl/ first. For the training
+# step, before the device call, here: `echo /.whl/ >> .git/info/exclude; python3 -m pip download
+# --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai`, and carry ".whl".
+# Exit status 0 only if every stage ran
 # and passed (a skipped stage says why and does not fail).
 set -u
 cd "$(dirname "$0")/.."
@@ -71,10 +77,10 @@ run bench_paper 140 $PY bench/run.py --device cuda --shapes 8x256x128x128x4x7 --
   --layouts nchw,channels_last --backends cuda@all,triton@all,torch,unfold --out "$OUT/bench_paper.json"
 
 # 5. the training step
-if $PY -c "import timm" 2>/dev/null; then
-  run train_step 60 $PY bench/run.py --device cuda --train-step --out "$OUT/train_step.json"
+if $PY -c "import timm, monai" 2>/dev/null; then
+  run train_step 90 $PY bench/train_step.py --device cuda --amp bf16 --channels-last --out "$OUT/train_step.json"
 else
-  echo "== train_step: skipped, timm is not installed here" | tee -a "$LOG"
+  echo "== train_step: skipped, timm or monai is not installed here (carry monai's wheel in .whl/)" | tee -a "$LOG"
 fi
 
 # 6. compute-sanitizer, where the tool and the device support it
