@@ -16,7 +16,7 @@ BENCH_SMALL = ["--shapes", "1x8x9x7x2x3", "--warmup-time", "0", "--time", "0", "
 SKIPPED = {
     "pip": "CI runs the quick start's install itself (.ci/run), in a fresh environment",
     "pytest": "this is the test suite",
-    "torchrun": "DDP needs several processes; tests/test_train.py runs DDP with gloo",
+    "torchrun": "DDP needs several processes; tests/segmentation/test_train.py runs DDP with gloo",
     "cmake": "tests/test_cmake.py builds csrc/ with CMake (minutes of nvcc)",
 }
 
