@@ -62,7 +62,8 @@ def harness(tmp_path_factory) -> Path:
     """The harness binary, built once per source state (cached by a hash of every input)."""
     cxx, includes, libdir = _compiler_and_headers()
     sources = [EMU / "harness.cpp", EMU / "cuda_emu.h", *CUDA_SOURCES]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + cxx.encode() + torch.__version__.encode())
+    toolchain = "\n".join([cxx, torch.__version__, libdir, *includes]).encode()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + toolchain)
     cache = Path(os.environ.get("SGDC_EMU_CACHE", Path.home() / ".cache" / "sgdc_kernels"))
     exe = cache / f"cuda_emu_{digest.hexdigest()[:16]}"
     if not exe.exists():
