@@ -41,7 +41,7 @@ INSTANCES = {
 }
 
 # SASS opcodes counted per kernel (the prefix before the first '.').
-COUNTED = ("LDS", "STS", "LDG", "STG", "FFMA", "MUFU", "BAR", "LDL", "STL")
+COUNTED = ("LDS", "STS", "LDG", "STG", "FFMA", "HMMA", "MUFU", "BAR", "LDL", "STL")
 
 
 def find_nvcc() -> str:

@@ -14,6 +14,7 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #ifndef SGDC_HOST_EMULATION
 #include <c10/cuda/CUDAException.h>
@@ -33,6 +34,32 @@ __device__ __forceinline__ T* dynamic_smem() {
 // A pointer to an output in global memory: kernels only index it (p.out[i] = v).
 template <typename T>
 using GlobalOut = T*;
+
+// One warp's D += A (16x16, row-major) * B (16x8, column-major) on the tensor cores, 16-bit
+// operands (T: c10::Half or c10::BFloat16), fp32 accumulators: mma.sync.m16n8k16. Fragments, with
+// g = lane / 4, t = lane % 4 (each 32-bit register holds two elements, the lower index in the low
+// half): a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..];
+// b[0] = B[2t..2t+1][g], b[1] = B[2t+8..2t+9][g]; d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..].
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  __trap();  // the tensor-core kernels are launched only on sm_80 and newer
+#endif
+}
 #endif
 
 enum class Mode { kForward, kGradWeights, kGradInput };

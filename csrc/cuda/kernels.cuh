@@ -10,15 +10,18 @@
 #include "common.cuh"
 #include "window_v1.cuh"
 #include "window_v2.cuh"
+#include "window_tc.cuh"
 
 namespace sgdc {
 namespace cuda_impl {
 
 // Kernel variants, selected per call by the environment variable SGDC_CUDA_VARIANT; the first
 // is the default. v1 stays until a GPU has measured both (bench/NOTES_cuda.md).
-enum class Variant { kV2, kV1 };
-constexpr const char* kVariantNames[] = {"v2", "v1"};
-constexpr int kNumVariants = 2;
+// v3 is v2 with a tensor-core forward for 16-bit inputs; until a GPU has checked it, v2 stays the
+// default.
+enum class Variant { kV2, kV3, kV1 };
+constexpr const char* kVariantNames[] = {"v2", "v3", "v1"};
+constexpr int kNumVariants = 3;
 constexpr const char* kVariantEnv = "SGDC_CUDA_VARIANT";
 
 // The variant names, comma-separated, the default first.
@@ -61,10 +64,11 @@ Params<T> make_params(const Shape& s) {
 
 template <Mode M, typename T, bool CL>
 void launch(Variant variant, const Params<T>& p, cudaStream_t stream) {
-  if (variant == Variant::kV1)
-    v1::launch_v1<M, T, CL>(p, stream);
-  else
-    v2::launch_v2<M, T, CL>(p, stream);
+  switch (variant) {
+    case Variant::kV1: return v1::launch_v1<M, T, CL>(p, stream);
+    case Variant::kV3: return v3::launch_v3<M, T, CL>(p, stream);
+    default: return v2::launch_v2<M, T, CL>(p, stream);
+  }
 }
 
 // out = sgdc_conv(x, kernel, gate); gate may be null.

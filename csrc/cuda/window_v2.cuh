@@ -49,9 +49,9 @@ enum class Fill {
 
 // Copies an (CH x rows x cols) window of channels [c0, c0 + cn) of one (b, head) at image rows
 // i_start.., columns j_start.. into tile[c * cstride + row * pitch + col], zero outside the image
-// and for c >= cn. Each thread issues up to NB global loads before it stores any.
-template <Fill F, int CH, bool CL, int NT, typename T, int NB = kBatch>
-__device__ __forceinline__ void fill(float* tile, int cstride, int rows, int cols, int pitch,
+// and for c >= cn, converted to TileT. Each thread issues up to NB global loads before it stores any.
+template <Fill F, int CH, bool CL, int NT, typename T, int NB = kBatch, typename TileT = float>
+__device__ __forceinline__ void fill(TileT* tile, int cstride, int rows, int cols, int pitch,
                                      const T* src, const T* gate, const Dense4<CL>& xi, int64_t b,
                                      int64_t c0, int cn, int i_start, int j_start, int tid) {
   const int n = CH * rows * cols;
@@ -80,7 +80,7 @@ __device__ __forceinline__ void fill(float* tile, int cstride, int rows, int col
         float val = v[k];
         if (F == Fill::kSigmoid) val = sigmoidf(val);
         if (F == Fill::kGatedValue && gate != nullptr) val *= sigmoidf(w[k]);
-        tile[c * cstride + (pix / cols) * pitch + pix % cols] = val;
+        tile[c * cstride + (pix / cols) * pitch + pix % cols] = static_cast<TileT>(val);
       }
     }
   }

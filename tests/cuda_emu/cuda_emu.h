@@ -15,8 +15,11 @@
 // - cudaLaunchKernelEx checks the launch like the runtime: block size, grid size, and dynamic
 //   shared memory over 48 KB only after cudaFuncSetAttribute raised the kernel's limit, up to the
 //   per-block opt-in maximum of an H100 (227 KB).
-// No warp-level primitive (shuffles, votes, cp.async) is provided: a kernel that starts using one
-// fails to compile here until its emulation is added.
+// - mma_16816 (mma.sync.m16n8k16) is warp-synchronous: all 32 lanes of the warp must reach it, or
+//   the run aborts (divergent warp); each lane's result is computed from the whole warp's fragments
+//   with the PTX manual's fragment layout.
+// No other warp-level primitive (shuffles, votes, cp.async) is provided: a kernel that starts
+// using one fails to compile here until its emulation is added.
 #pragma once
 
 #include <signal.h>
@@ -66,7 +69,7 @@ constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
 typedef struct CUstream_st* cudaStream_t;
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 struct cudaLaunchConfig_t {
   dim3 gridDim, blockDim;
@@ -211,7 +214,7 @@ enum class Order { kForward, kReverse, kRandom };
 struct Thread {
   ucontext_t ctx;
   char* stack;
-  enum { kReady, kBarrier, kDone } state;
+  enum { kReady, kBarrier, kWarpBarrier, kDone } state;
   int barrier_line;
   const char* barrier_file;
 };
@@ -254,6 +257,42 @@ inline void syncthreads(const char* file, int line) {
   swapcontext(&t.ctx, &bs.scheduler);
 }
 
+// A warp-synchronous point (every lane of the warp must reach the same one): the thread waits
+// until all lanes of its warp wait at `id`.
+inline void warp_sync(int id) {
+  BlockState& bs = block();
+  Thread& t = bs.threads[bs.current];
+  t.state = Thread::kWarpBarrier;
+  t.barrier_line = id;
+  t.barrier_file = "warp";
+  swapcontext(&t.ctx, &bs.scheduler);
+}
+
+// Releases every warp whose lanes all wait at the same warp-synchronous point; returns whether
+// any did. A warp with lanes at a warp point while others wait at a block barrier or returned
+// aborts the run.
+inline bool release_warps(unsigned nthreads) {
+  BlockState& bs = block();
+  bool released = false;
+  for (unsigned w = 0; w * 32 < nthreads; ++w) {
+    const unsigned first = w * 32, last = std::min(nthreads, first + 32);
+    int at_warp = -1;
+    for (unsigned k = first; k < last; ++k)
+      if (bs.threads[k].state == Thread::kWarpBarrier) at_warp = static_cast<int>(k);
+    if (at_warp < 0) continue;
+    for (unsigned k = first; k < last; ++k) {
+      const Thread& t = bs.threads[k];
+      if (t.state != Thread::kWarpBarrier || t.barrier_line != bs.threads[at_warp].barrier_line)
+        fail("divergent warp: lane " + std::to_string(at_warp - first) + " of warp " + std::to_string(w) +
+             " waits at a warp-synchronous instruction while lane " + std::to_string(k - first) +
+             (t.state == Thread::kDone ? " returned" : " waits elsewhere"));
+    }
+    for (unsigned k = first; k < last; ++k) bs.threads[k].state = Thread::kReady;
+    released = true;
+  }
+  return released;
+}
+
 constexpr size_t kStack = 256 * 1024;
 
 // Runs one block: every thread from the start, phase by phase between barriers.
@@ -289,6 +328,7 @@ inline void run_block(unsigned nthreads) {
       swapcontext(&bs.scheduler, &bs.threads[k].ctx);
     }
     bs.current = -1;
+    if (release_warps(nthreads)) continue;
     int waiting = -1, done = -1;
     for (unsigned k = 0; k < nthreads; ++k) {
       const Thread& t = bs.threads[k];
@@ -395,9 +435,11 @@ inline cudaError_t cudaGetDevice(int* d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
-  *value = emu::kOptinSmem;
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = emu::kOptinSmem; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;  // an H100
+    default: return cudaErrorInvalidValue;
+  }
 }
 template <typename... Args>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(Args...), cudaFuncAttribute attr, int value) {
@@ -423,5 +465,41 @@ inline T* dynamic_smem() {
 }
 template <typename T>
 using GlobalOut = ::emu::CountingPtr<T>;
+
+// mma.sync.m16n8k16 (16-bit A and B, fp32 C and D), with the fragment layout of the PTX manual
+// (see mma_16816 in csrc/cuda/common.cuh): every lane deposits its fragments, the warp meets, each
+// lane computes its four D elements from the whole warp's A and B (products exact, the sum in
+// double, rounded once to fp32), and the warp meets again before the slots are reused.
+template <typename T>
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  struct Slot {
+    uint32_t a[4], b[2];
+  };
+  static std::vector<Slot> slots;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  if (slots.size() < blockDim.x) slots.resize(blockDim.x);
+  slots[tid] = {{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+  ::emu::warp_sync(-1);
+  auto elem = [](uint32_t reg, int half) {
+    return static_cast<double>(static_cast<float>(T(static_cast<uint16_t>(reg >> (16 * half)), T::from_bits())));
+  };
+  auto A = [&](int row, int k) {  // a[0]: (g, 2t..), a[1]: (g+8, 2t..), a[2]: (g, 2t+8..), a[3]: (g+8, 2t+8..)
+    const int owner = warp * 32 + (row % 8) * 4 + (k % 8) / 2;
+    return elem(slots[owner].a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k % 2);
+  };
+  auto B = [&](int k, int n) {  // b[0]: (2t.., g), b[1]: (2t+8.., g)
+    const int owner = warp * 32 + n * 4 + (k % 8) / 2;
+    return elem(slots[owner].b[k >= 8 ? 1 : 0], k % 2);
+  };
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = lane / 4 + (e >= 2 ? 8 : 0), col = 2 * (lane % 4) + (e & 1);
+    double sum = d[e];
+    for (int k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
+    out[e] = static_cast<float>(sum);
+  }
+  ::emu::warp_sync(-2);
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
 }  // namespace cuda_impl
 }  // namespace sgdc
