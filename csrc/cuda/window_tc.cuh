@@ -11,8 +11,10 @@
 //
 // A block is 8 warps; warp w owns image row i0 + w and 16 pixels (two n-tiles). The halo of a
 // chunk of 16 channels is copied to shared memory in the input's 16-bit type as
-// [tile row][channel][24 columns], columns j0 - 4 .. j0 + 19: each A fragment is four 32-bit
-// shared loads, conflict-free with a 12-word channel pitch. The B fragments (the bands) are built
+// [tile row][channel][40], columns j0 - 8 .. j0 + 23, with 16-byte global loads where the layout's
+// contiguous dimension allows (8 columns in NCHW, 8 channels in channels_last) and element by
+// element at the image's borders: each A fragment is then four 32-bit shared loads, conflict-free
+// with a 20-word channel pitch. The B fragments (the bands) are built
 // once per block from the softmax of the tile's pixels and kept in registers for every chunk.
 #pragma once
 
@@ -25,13 +27,80 @@ namespace v3 {
 constexpr int kWarps = 8;               // tile rows, one per warp
 constexpr int kTW = 16;                 // tile columns: two n-tiles of 8 pixels per warp
 constexpr int kCH = 16;                 // channels per chunk: one m-tile
-constexpr int kPitch = kTW + 8;         // halo columns j0 - 4 .. j0 + 19, 16-bit elements
+constexpr int kHaloCols = 32;           // tile columns: image columns j0 - 8 .. j0 + 23 (4 vectors of 8)
+constexpr int kPitch = 40;              // 16-bit elements per (row, channel): 20 words, conflict-free A loads
+constexpr int kCol0 = 4;                // tile column of image column j0 - 4, where the n-tiles' halos start
 constexpr int kMaxK = 9;                // K - 1 <= 8: a pixel's taps fit 16 halo columns
 constexpr int kTP = kWarps * kTW;       // pixels of a tile
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
   return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+}
+
+// One 16-byte group of 8 consecutive elements of the layout's contiguous dimension (columns in
+// NCHW, channels in channels_last), starting at element (c, ii, jj): a single 16-byte load where
+// all 8 are in the tensor and the address is aligned, else element by element (zero outside the
+// image or past cn channels).
+template <bool CL, typename T>
+__device__ __forceinline__ uint4 load8(const T* src, bool aligned, const Dense4<CL>& xi, int64_t b, int64_t c0,
+                                       int c, int cn, int ii, int jj) {
+  uint4 v = {0u, 0u, 0u, 0u};
+  if (ii < 0 || ii >= xi.H) return v;
+  const bool full = CL ? (c + 8 <= cn && jj >= 0 && jj < xi.W) : (c < cn && jj >= 0 && jj + 8 <= xi.W);
+  const int64_t off = xi(b, c0 + c, ii, jj < 0 ? 0 : jj);
+  if (full && aligned) return *reinterpret_cast<const uint4*>(src + off);
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    const int cq = CL ? c + q : c, jq = CL ? jj : jj + q;
+    if (cq < cn && jq >= 0 && jq < xi.W) w[q / 2] |= static_cast<uint32_t>(src[xi(b, c0 + cq, ii, jq)].x) << (16 * (q % 2));
+  }
+  return {w[0], w[1], w[2], w[3]};
+}
+
+// The chunk's halo, rows i_start .., columns j0 - 8 .., into tile[row][channel][kPitch]. Work items
+// are 16-byte groups, their global loads issued before any store.
+template <int ROWS, bool CL, int NT, typename T>
+__device__ __forceinline__ void fill_halo(T* tile, const T* src, const Dense4<CL>& xi, int64_t b, int64_t c0,
+                                          int cn, int i_start, int j0, int tid) {
+  // 16-byte loads need 16-byte aligned groups: the tensor's start, the row (NCHW: W % 8 == 0) or
+  // the pixel's channels (channels_last: C % 8 == 0 and c0 % 8 == 0).
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                       (CL ? xi.C % 8 == 0 && c0 % 8 == 0 : xi.W % 8 == 0);
+  constexpr int kGroups = CL ? ROWS * kHaloCols * (kCH / 8) : ROWS * kCH * (kHaloCols / 8);
+  constexpr int kPer = (kGroups + NT - 1) / NT;
+  constexpr int kBatch = 4;  // 16-byte loads in flight per thread
+#pragma unroll
+  for (int k0 = 0; k0 < kPer; k0 += kBatch) {
+    uint4 v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int e = tid + (k0 + k) * NT;
+      // NCHW: e = (row * kCH + c) * 4 + group of 8 columns; CL: e = (row * kHaloCols + col) * 2 + group of 8 channels
+      const int row = CL ? e / (kHaloCols * 2) : e / (kCH * 4);
+      const int c = CL ? (e % 2) * 8 : (e / 4) % kCH;
+      const int col = CL ? (e / 2) % kHaloCols : (e % 4) * 8;
+      v[k] = e < kGroups ? load8<CL>(src, aligned, xi, b, c0, c, cn, i_start + row, j0 - 8 + col) : uint4{0u, 0u, 0u, 0u};
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int e = tid + (k0 + k) * NT;
+      if (e >= kGroups) continue;
+      const int row = CL ? e / (kHaloCols * 2) : e / (kCH * 4);
+      const int c = CL ? (e % 2) * 8 : (e / 4) % kCH;
+      const int col = CL ? (e / 2) % kHaloCols : (e % 4) * 8;
+      T* dst = tile + (row * kCH + c) * kPitch + col;
+      if (CL) {  // 8 channels of one pixel: one element in each of 8 channel rows
+        const uint32_t w[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+          dst[q * kPitch] = T(static_cast<uint16_t>(w[q / 2] >> (16 * (q % 2))), T::from_bits());
+      } else {  // 8 columns of one channel row
+        *reinterpret_cast<uint4*>(dst) = v[k];
+      }
+    }
+  }
 }
 
 // Bytes of dynamic shared memory: the softmax of the tile's pixels (fp32), later reused for the
@@ -44,7 +113,7 @@ constexpr size_t smem_bytes(int K) {
 }
 
 template <int KT, typename T, bool CL>
-__global__ void __launch_bounds__(kWarps * 32, 2) forward_tc(const Params<T> p) {
+__global__ void __launch_bounds__(kWarps * 32, 1) forward_tc(const Params<T> p) {
   static_assert(KT >= 1 && KT <= kMaxK && KT % 2 == 1, "the tensor-core forward covers odd K <= 9");
   constexpr int NT = kWarps * 32, KK = KT * KT, R = KT / 2, ROWS = kWarps + KT - 1;
   unsigned char* smem = dynamic_smem<unsigned char>();
@@ -104,9 +173,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) forward_tc(const Params<T> p) 
     const int64_t c0 = static_cast<int64_t>(g) * p.Cg + ch * kCH;
     const int cn = min(kCH, p.Cg - ch * kCH);
     __syncthreads();  // the probabilities, or the previous chunk's tiles, are consumed
-    v2::fill<v2::Fill::kValue, kCH, CL, NT, T, v2::kBatch, T>(tile, kPitch, ROWS, kPitch, kCH * kPitch,
-                                                              p.src, v2::no_gate<T>, xi, b, c0, cn,
-                                                              i0 - R, j0 - 4, tid);
+    fill_halo<ROWS, CL, NT>(tile, p.src, xi, b, c0, cn, i0 - R, j0, tid);
     if (gated)
       v2::fill<v2::Fill::kSigmoid, kCH, CL, NT>(stage, kTP, kWarps, kTW, kTW, p.gate, v2::no_gate<T>,
                                                 xi, b, c0, cn, i0, j0, tid);
@@ -117,7 +184,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) forward_tc(const Params<T> p) 
       const T* row = tile + (warp + u) * kCH * kPitch;  // image row i0 + warp + u - R
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        const T* lo_rows = row + gid * kPitch + nt * 8 + 2 * tig;  // channel gid
+        const T* lo_rows = row + gid * kPitch + kCol0 + nt * 8 + 2 * tig;  // channel gid
         const T* hi_rows = lo_rows + 8 * kPitch;                   // channel gid + 8
         const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(lo_rows),
                                *reinterpret_cast<const uint32_t*>(hi_rows),
