@@ -17,8 +17,8 @@ namespace cuda_impl {
 
 // Kernel variants, selected per call by the environment variable SGDC_CUDA_VARIANT; the first
 // is the default. v1 stays until a GPU has measured both (bench/NOTES_cuda.md).
-// v3 is v2 with a tensor-core forward for 16-bit inputs; until a GPU has checked it, v2 stays the
-// default.
+// v3 is v2 with the forward and dx of 16-bit inputs on the tensor cores; until a GPU has checked it,
+// v2 stays the default.
 enum class Variant { kV2, kV3, kV1 };
 constexpr const char* kVariantNames[] = {"v2", "v3", "v1"};
 constexpr int kNumVariants = 3;

@@ -1,6 +1,6 @@
-// v3 of the sgdc_conv kernels (SGDC_CUDA_VARIANT=v3): v2, with the forward of 16-bit inputs on the
-// tensor cores for K <= 9 (other dtypes, K and the backward are v2's). Why and the predictions:
-// bench/NOTES_cuda.md.
+// v3 of the sgdc_conv kernels (SGDC_CUDA_VARIANT=v3): v2, with the forward and dx of 16-bit inputs
+// on the tensor cores for K <= 9 (other dtypes and K, and the weight gradients, are v2's). Why and
+// the predictions: bench/NOTES_cuda.md.
 //
 // The "dense halo" formulation: for one image row of 8 output pixels (an n-tile) and 16 channels
 // (an m-tile), and each tap row u, out (16 x 8) += X_u (16 channels x 16 halo columns) @ Band_u
@@ -59,21 +59,57 @@ __device__ __forceinline__ uint4 load8(const T* src, bool aligned, const Dense4<
   return {w[0], w[1], w[2], w[3]};
 }
 
-// The chunk's halo, rows i_start .., columns j0 - 8 .., into tile[row][channel][kPitch]. Work items
-// are 16-byte groups, their global loads issued before any store.
-template <int ROWS, bool CL, int NT, typename T>
-__device__ __forceinline__ void fill_halo(T* tile, const T* src, const Dense4<CL>& xi, int64_t b, int64_t c0,
-                                          int cn, int i_start, int j0, int tid) {
-  // 16-byte loads need 16-byte aligned groups: the tensor's start, the row (NCHW: W % 8 == 0) or
+// g_y = dout * sigmoid(gate) (dout where gate is null) of 8 elements, split into a 16-bit head
+// and the 16-bit remainder of the fp32 product.
+template <typename T>
+__device__ __forceinline__ void split_gy8(const uint4& d, const uint4& g, bool gated, uint4& hi, uint4& lo) {
+  const uint32_t dw[4] = {d.x, d.y, d.z, d.w}, gw[4] = {g.x, g.y, g.z, g.w};
+  uint32_t hw[4] = {0u, 0u, 0u, 0u}, lw[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int q = 0; q < 8; ++q) {
+    const int sh = 16 * (q % 2);
+    float gy = static_cast<float>(T(static_cast<uint16_t>(dw[q / 2] >> sh), T::from_bits()));
+    if (gated) gy *= sigmoidf(static_cast<float>(T(static_cast<uint16_t>(gw[q / 2] >> sh), T::from_bits())));
+    const T h = static_cast<T>(gy);
+    const T l = static_cast<T>(gy - static_cast<float>(h));
+    hw[q / 2] |= static_cast<uint32_t>(h.x) << sh;
+    lw[q / 2] |= static_cast<uint32_t>(l.x) << sh;
+  }
+  hi = {hw[0], hw[1], hw[2], hw[3]};
+  lo = {lw[0], lw[1], lw[2], lw[3]};
+}
+
+// Stores a 16-byte group into tile[row][channel][kPitch] at dst: 8 columns of one channel row
+// (NCHW), or one element in each of 8 channel rows (channels_last).
+template <bool CL, typename T>
+__device__ __forceinline__ void store8(T* dst, const uint4& v) {
+  if (CL) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int q = 0; q < 8; ++q) dst[q * kPitch] = T(static_cast<uint16_t>(w[q / 2] >> (16 * (q % 2))), T::from_bits());
+  } else {
+    *reinterpret_cast<uint4*>(dst) = v;
+  }
+}
+
+// The chunk's halo, rows i_start .., columns j0 - 8 .., into tile[row][channel][kPitch]: src as it
+// is (GY false), or g_y = src * sigmoid(gate) split into tile (head) and tile_lo (remainder) (GY
+// true). Work items are 16-byte groups, their global loads issued before any store.
+template <bool GY, int ROWS, bool CL, int NT, typename T>
+__device__ __forceinline__ void fill_halo(T* tile, T* tile_lo, const T* src, const T* gate, const Dense4<CL>& xi,
+                                          int64_t b, int64_t c0, int cn, int i_start, int j0, int tid) {
+  // 16-byte loads need 16-byte aligned groups: the tensors' starts, the row (NCHW: W % 8 == 0) or
   // the pixel's channels (channels_last: C % 8 == 0 and c0 % 8 == 0).
+  const bool gated = GY && gate != nullptr;
   const bool aligned = reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                       (!gated || reinterpret_cast<uintptr_t>(gate) % 16 == 0) &&
                        (CL ? xi.C % 8 == 0 && c0 % 8 == 0 : xi.W % 8 == 0);
   constexpr int kGroups = CL ? ROWS * kHaloCols * (kCH / 8) : ROWS * kCH * (kHaloCols / 8);
   constexpr int kPer = (kGroups + NT - 1) / NT;
-  constexpr int kBatch = 4;  // 16-byte loads in flight per thread
+  constexpr int kBatch = 4;  // 16-byte groups in flight per thread
 #pragma unroll
   for (int k0 = 0; k0 < kPer; k0 += kBatch) {
-    uint4 v[kBatch];
+    uint4 v[kBatch], g[kBatch];
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int e = tid + (k0 + k) * NT;
@@ -81,7 +117,10 @@ __device__ __forceinline__ void fill_halo(T* tile, const T* src, const Dense4<CL
       const int row = CL ? e / (kHaloCols * 2) : e / (kCH * 4);
       const int c = CL ? (e % 2) * 8 : (e / 4) % kCH;
       const int col = CL ? (e / 2) % kHaloCols : (e % 4) * 8;
-      v[k] = e < kGroups ? load8<CL>(src, aligned, xi, b, c0, c, cn, i_start + row, j0 - 8 + col) : uint4{0u, 0u, 0u, 0u};
+      const bool in = e < kGroups;
+      v[k] = in ? load8<CL>(src, aligned, xi, b, c0, c, cn, i_start + row, j0 - 8 + col) : uint4{0u, 0u, 0u, 0u};
+      g[k] = in && gated ? load8<CL>(gate, aligned, xi, b, c0, c, cn, i_start + row, j0 - 8 + col)
+                         : uint4{0u, 0u, 0u, 0u};
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
@@ -90,36 +129,52 @@ __device__ __forceinline__ void fill_halo(T* tile, const T* src, const Dense4<CL
       const int row = CL ? e / (kHaloCols * 2) : e / (kCH * 4);
       const int c = CL ? (e % 2) * 8 : (e / 4) % kCH;
       const int col = CL ? (e / 2) % kHaloCols : (e % 4) * 8;
-      T* dst = tile + (row * kCH + c) * kPitch + col;
-      if (CL) {  // 8 channels of one pixel: one element in each of 8 channel rows
-        const uint32_t w[4] = {v[k].x, v[k].y, v[k].z, v[k].w};
-#pragma unroll
-        for (int q = 0; q < 8; ++q)
-          dst[q * kPitch] = T(static_cast<uint16_t>(w[q / 2] >> (16 * (q % 2))), T::from_bits());
-      } else {  // 8 columns of one channel row
-        *reinterpret_cast<uint4*>(dst) = v[k];
+      const int at = (row * kCH + c) * kPitch + col;
+      if constexpr (GY) {
+        uint4 hi, lo;
+        split_gy8<T>(v[k], g[k], gated, hi, lo);
+        store8<CL>(tile + at, hi);
+        store8<CL>(tile_lo + at, lo);
+      } else {
+        store8<CL>(tile + at, v[k]);
       }
     }
   }
 }
 
-// Bytes of dynamic shared memory: the softmax of the tile's pixels (fp32), later reused for the
-// 16-bit halo tile and the fp32 staging tile.
-template <typename T>
+// Bytes of dynamic shared memory. Forward: the softmax of the tile's pixels (fp32), later reused
+// for the 16-bit halo tile and the fp32 staging tile. dx: the g_y halo (head and remainder) and the
+// staging tile.
+template <Mode M, typename T>
 constexpr size_t smem_bytes(int K) {
+  const size_t halo = sizeof(T) * (kWarps + K - 1) * kCH * kPitch;
+  const size_t stage = sizeof(float) * kCH * kTP;
+  if (M == Mode::kGradInput) return 2 * halo + stage;
   const size_t probs = sizeof(float) * K * K * kTP;
-  const size_t tiles = sizeof(T) * (kWarps + K - 1) * kCH * kPitch + sizeof(float) * kCH * kTP;
-  return probs > tiles ? probs : tiles;
+  return probs > halo + stage ? probs : halo + stage;
 }
 
-template <int KT, typename T, bool CL>
-__global__ void __launch_bounds__(kWarps * 32, 1) forward_tc(const Params<T> p) {
-  static_assert(KT >= 1 && KT <= kMaxK && KT % 2 == 1, "the tensor-core forward covers odd K <= 9");
+// Forward (kForward) and dx (kGradInput) on the tensor cores.
+//
+// Forward: out[c, q] = sum_(u,v) P[(u,v), q] x[c, q + (u-R, v-R)]: tap row u of warp w reads tile
+// row w + u, and B[k, n] = P[(u, v), pixel n] with v = k - n + R - 4.
+// dx: dx[c, q] = sum_(u,v) P[(u,v), p] g_y[c, p] over the output pixels p = q - (u-R, v-R) whose
+// window covers q: tap row u reads g_y from tile row w + 2R - u, and B[k, n] = P[(u, v), p] with
+// p at halo column k (image column j0 - 4 + 8 nt + k) and v = n - k + 4 + R, rebuilt from p's
+// logit and softmax statistics. g_y is split like the weights: head x head, head x remainder and
+// remainder x head (three products; two without a gate, where g_y = dout is exact).
+template <Mode M, int KT, typename T, bool CL>
+__global__ void __launch_bounds__(kWarps * 32, 1) window_tc(const Params<T> p) {
+  static_assert(M != Mode::kGradWeights, "the weight gradients stay on v2's kernel");
+  static_assert(KT >= 1 && KT <= kMaxK && KT % 2 == 1, "the tensor-core kernels cover odd K <= 9");
+  constexpr bool kDx = M == Mode::kGradInput;
   constexpr int NT = kWarps * 32, KK = KT * KT, R = KT / 2, ROWS = kWarps + KT - 1;
+  constexpr int kHalo = ROWS * kCH * kPitch;  // elements of one 16-bit halo tile
   unsigned char* smem = dynamic_smem<unsigned char>();
-  float* probs = reinterpret_cast<float*>(smem);  // [KK][kTP], until the bands are built
-  T* tile = reinterpret_cast<T*>(smem);           // [ROWS][kCH][kPitch], 16-bit
-  float* stage = reinterpret_cast<float*>(smem + sizeof(T) * ROWS * kCH * kPitch);  // [kCH][kTP]
+  float* probs = reinterpret_cast<float*>(smem);  // forward: [KK][kTP], until the bands are built
+  T* tile = reinterpret_cast<T*>(smem);           // [ROWS][kCH][kPitch]: x, or g_y's head
+  T* tile_lo = tile + kHalo;                      // dx: g_y's remainder
+  float* stage = reinterpret_cast<float*>(smem + sizeof(T) * kHalo * (kDx ? 2 : 1));  // [kCH][kTP]
 
   const auto [tile_id, g, b] = block_place(p);
   const int i0 = (tile_id / p.tiles_w) * kWarps, j0 = (tile_id % p.tiles_w) * kTW;
@@ -128,28 +183,30 @@ __global__ void __launch_bounds__(kWarps * 32, 1) forward_tc(const Params<T> p) 
   const Dense4<CL> xi{p.C, p.H, p.W};
   const Dense4<CL> ki{static_cast<int64_t>(p.G) * KK, p.H, p.W};
   const int64_t kc0 = static_cast<int64_t>(g) * KK;
+  const int64_t sbase = (b * p.G + g) * static_cast<int64_t>(p.H) * p.W;
 
-  // 1. The softmax of every pixel of the tile (zero outside the image).
-  if (tid < kTP) {
-    const int i = i0 + tid / kTW, j = j0 + tid % kTW;
-    Taps<KT> P;
-    if (i < p.H && j < p.W) {
-      softmax_taps<KT>(P, p, ki, b, kc0, KT, i, j);
-    } else {
+  // 1. Forward: the softmax of every pixel of the tile (zero outside the image).
+  if constexpr (!kDx) {
+    if (tid < kTP) {
+      const int i = i0 + tid / kTW, j = j0 + tid % kTW;
+      Taps<KT> P;
+      if (i < p.H && j < p.W) {
+        softmax_taps<KT>(P, p, ki, b, kc0, KT, i, j);
+      } else {
 #pragma unroll
-      for (int t = 0; t < KK; ++t) P[t] = 0.f;
+        for (int t = 0; t < KK; ++t) P[t] = 0.f;
+      }
+#pragma unroll
+      for (int t = 0; t < KK; ++t) probs[t * kTP + tid] = P[t];
     }
-#pragma unroll
-    for (int t = 0; t < KK; ++t) probs[t * kTP + tid] = P[t];
+    __syncthreads();
   }
-  __syncthreads();
 
   // 2. The bands of this warp's two n-tiles, as B fragments: this thread holds pixel n = gid of
   // the n-tile and halo columns k = 2*tig + {0, 1} (half 0) and 2*tig + 8 + {0, 1} (half 1).
   uint32_t band_hi[2][KT][2], band_lo[2][KT][2];
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) {
-    const int px = warp * kTW + nt * 8 + gid;
 #pragma unroll
     for (int u = 0; u < KT; ++u)
 #pragma unroll
@@ -157,8 +214,19 @@ __global__ void __launch_bounds__(kWarps * 32, 1) forward_tc(const Params<T> p) 
         T hi[2], lo[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int v = 2 * tig + 8 * half + e - gid - 4 + R;  // the tap column at halo column k
-          const float w = v >= 0 && v < KT ? probs[(u * KT + v) * kTP + px] : 0.f;
+          const int k = 2 * tig + 8 * half + e;
+          float w = 0.f;
+          if constexpr (kDx) {
+            const int v = gid - k + 4 + R;                      // tap column
+            const int pi = i0 + warp - u + R, pj = j0 - 4 + 8 * nt + k;  // the output pixel p
+            if (v >= 0 && v < KT && pi >= 0 && pi < p.H && pj >= 0 && pj < p.W) {
+              const float2 st = p.stats[sbase + static_cast<int64_t>(pi) * p.W + pj];
+              w = __expf(static_cast<float>(p.logits[ki(b, kc0 + u * KT + v, pi, pj)]) - st.x) * st.y;
+            }
+          } else {
+            const int v = k - gid + R - 4;
+            if (v >= 0 && v < KT) w = probs[(u * KT + v) * kTP + warp * kTW + nt * 8 + gid];
+          }
           hi[e] = static_cast<T>(w);
           lo[e] = static_cast<T>(w - static_cast<float>(hi[e]));
         }
@@ -173,25 +241,33 @@ __global__ void __launch_bounds__(kWarps * 32, 1) forward_tc(const Params<T> p) 
     const int64_t c0 = static_cast<int64_t>(g) * p.Cg + ch * kCH;
     const int cn = min(kCH, p.Cg - ch * kCH);
     __syncthreads();  // the probabilities, or the previous chunk's tiles, are consumed
-    fill_halo<ROWS, CL, NT>(tile, p.src, xi, b, c0, cn, i0 - R, j0, tid);
-    if (gated)
+    fill_halo<kDx, ROWS, CL, NT>(tile, tile_lo, p.src, kDx ? p.gate : nullptr, xi, b, c0, cn, i0 - R, j0, tid);
+    if (!kDx && gated)
       v2::fill<v2::Fill::kSigmoid, kCH, CL, NT>(stage, kTP, kWarps, kTW, kTW, p.gate, v2::no_gate<T>,
                                                 xi, b, c0, cn, i0, j0, tid);
     __syncthreads();
     float acc[2][4] = {};
 #pragma unroll
     for (int u = 0; u < KT; ++u) {
-      const T* row = tile + (warp + u) * kCH * kPitch;  // image row i0 + warp + u - R
+      const int trow = kDx ? warp + 2 * R - u : warp + u;  // image row i0 - R + trow
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        const T* lo_rows = row + gid * kPitch + kCol0 + nt * 8 + 2 * tig;  // channel gid
-        const T* hi_rows = lo_rows + 8 * kPitch;                   // channel gid + 8
-        const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(lo_rows),
-                               *reinterpret_cast<const uint32_t*>(hi_rows),
-                               *reinterpret_cast<const uint32_t*>(lo_rows + 8),
-                               *reinterpret_cast<const uint32_t*>(hi_rows + 8)};
+        const int at = (trow * kCH + gid) * kPitch + kCol0 + nt * 8 + 2 * tig;  // channel gid, k = 2*tig
+        const T* lo_ch = tile + at;
+        const T* hi_ch = lo_ch + 8 * kPitch;  // channel gid + 8
+        const uint32_t a[4] = {*reinterpret_cast<const uint32_t*>(lo_ch), *reinterpret_cast<const uint32_t*>(hi_ch),
+                               *reinterpret_cast<const uint32_t*>(lo_ch + 8),
+                               *reinterpret_cast<const uint32_t*>(hi_ch + 8)};
         mma_16816<T>(acc[nt], a, band_hi[nt][u]);
         mma_16816<T>(acc[nt], a, band_lo[nt][u]);
+        if (kDx && gated) {  // g_y's remainder times the weights' head
+          const T* lo_ch2 = tile_lo + at;
+          const T* hi_ch2 = lo_ch2 + 8 * kPitch;
+          const uint32_t a2[4] = {
+              *reinterpret_cast<const uint32_t*>(lo_ch2), *reinterpret_cast<const uint32_t*>(hi_ch2),
+              *reinterpret_cast<const uint32_t*>(lo_ch2 + 8), *reinterpret_cast<const uint32_t*>(hi_ch2 + 8)};
+          mma_16816<T>(acc[nt], a2, band_hi[nt][u]);
+        }
       }
     }
     // D fragments: acc[nt][e] is channel gid (+8 for e >= 2), pixel nt*8 + 2*tig + (e & 1).
@@ -200,20 +276,20 @@ __global__ void __launch_bounds__(kWarps * 32, 1) forward_tc(const Params<T> p) 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float* slot = stage + (gid + (e >= 2 ? 8 : 0)) * kTP + warp * kTW + nt * 8 + 2 * tig + (e & 1);
-        *slot = gated ? acc[nt][e] * *slot : acc[nt][e];
+        *slot = !kDx && gated ? acc[nt][e] * *slot : acc[nt][e];
       }
     __syncthreads();
     v2::store_tile<kWarps, kTW, CL, NT>(p.out, stage, kCH, xi, b, c0, cn, i0, j0, tid);
   }
 }
 
-template <int KT, typename T, bool CL>
-void launch_forward_tc(Params<T> p, cudaStream_t stream) {
+template <Mode M, int KT, typename T, bool CL>
+void launch_tc(Params<T> p, cudaStream_t stream) {
   const int64_t blocks = set_tiles(p, kWarps, kTW);
-  launch_kernel(forward_tc<KT, T, CL>, blocks, kWarps * 32, smem_bytes<T>(KT), stream, p, KT);
+  launch_kernel(window_tc<M, KT, T, CL>, blocks, kWarps * 32, smem_bytes<M, T>(KT), stream, p, KT);
 }
 
-// Whether the tensor-core forward runs: 16-bit inputs, odd K <= 9, a GPU of compute capability 8.0
+// Whether the tensor-core kernels run: 16-bit inputs, odd K <= 9, a GPU of compute capability 8.0
 // or newer (mma.sync with bf16).
 template <typename T>
 bool use_tensor_cores(const Params<T>& p) {
@@ -230,14 +306,14 @@ bool use_tensor_cores(const Params<T>& p) {
 
 template <Mode M, typename T, bool CL>
 void launch_v3(const Params<T>& p, cudaStream_t stream) {
-  if constexpr (M == Mode::kForward && !std::is_same_v<T, float>) {
+  if constexpr (M != Mode::kGradWeights && !std::is_same_v<T, float>) {
     if (use_tensor_cores(p)) {
       switch (p.K) {
-        case 1: return launch_forward_tc<1, T, CL>(p, stream);
-        case 3: return launch_forward_tc<3, T, CL>(p, stream);
-        case 5: return launch_forward_tc<5, T, CL>(p, stream);
-        case 7: return launch_forward_tc<7, T, CL>(p, stream);
-        case 9: return launch_forward_tc<9, T, CL>(p, stream);
+        case 1: return launch_tc<M, 1, T, CL>(p, stream);
+        case 3: return launch_tc<M, 3, T, CL>(p, stream);
+        case 5: return launch_tc<M, 5, T, CL>(p, stream);
+        case 7: return launch_tc<M, 7, T, CL>(p, stream);
+        case 9: return launch_tc<M, 9, T, CL>(p, stream);
         default: break;
       }
     }
