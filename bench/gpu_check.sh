@@ -70,7 +70,7 @@ run install 150 $PY -m pip install --no-build-isolation --no-deps -v . || {
 run info 20 bash -c "cd /tmp && $PY -m sgdc_kernels.info"
 
 # 3. GPU correctness, every variant (the tests parametrize over them)
-run correctness 110 bash -c "cd /tmp && $PY -m pytest -q -x $PWD/tests/test_cuda.py $PWD/tests/test_triton.py"
+run correctness 150 bash -c "cd /tmp && $PY -m pytest -q -x $PWD/tests/test_cuda.py $PWD/tests/test_triton.py"
 
 # 4. the paper shape: every variant, both dtypes and layouts, with unfold and the compiled peer
 run bench_paper 140 $PY bench/run.py --device cuda --shapes 8x256x128x128x4x7 --dtypes float32,bfloat16 \
