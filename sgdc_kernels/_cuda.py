@@ -84,7 +84,7 @@ def _import_extension():
 
 def build_info() -> dict | None:
     """What the extension was compiled for, e.g. ``{"archs": ["sm_80", "sm_90"], "cuda": "13.0",
-    "torch": "2.14.1", "kernel variants": ["v2", "v1"]}``; None when it is not built (or does not
+    "torch": "2.14.1", "kernel variants": ["v2", "v3", "v1"]}``; None when it is not built (or does not
     load)."""
     try:
         ext = _import_extension()
