@@ -6,12 +6,13 @@
 from ._version import __version__
 from .backends import Backend, BackendUnavailableError
 from .modules import SGDC, SGE, LayerNorm2d
-from .ops import sgdc_conv
+from .ops import sgdc_conv, window_conv
 from .registry import available_backends, get_backend, unavailable_reason
 
 __all__ = [
     "__version__",
     "sgdc_conv",
+    "window_conv",
     "available_backends",
     "get_backend",
     "unavailable_reason",

@@ -4,9 +4,16 @@ Every backend but the `unfold` oracle (plain autograd) is a pair of ``torch.libr
 the ``sgdc`` namespace with the schemas below, a forward and a backward, wired together by
 :func:`register_ops`:
 
-    sgdc::<name>_forward(Tensor x, Tensor kernel, Tensor? gate, int kernel_size, int num_heads) -> Tensor
-    sgdc::<name>_backward(Tensor grad_out, Tensor x, Tensor kernel, Tensor? gate,
-                          int kernel_size, int num_heads) -> (Tensor, Tensor, Tensor)
+    sgdc::<name>_forward(Tensor x, Tensor kernel, Tensor? gate, int kernel_size, int num_heads,
+                         int dilation, bool clamp, bool softmax) -> Tensor
+    sgdc::<name>_backward(Tensor grad_out, Tensor x, Tensor kernel, Tensor? gate, int kernel_size,
+                          int num_heads, int dilation, bool clamp, bool softmax)
+                          -> (Tensor, Tensor, Tensor)
+
+``kernel`` holds the per-pixel weights (logits when ``softmax``); ``dilation``, ``clamp`` (NATTEN's
+border: windows shifted to stay inside the image, instead of zeros outside it) and ``softmax``
+select the configuration of the window sum (docs/op.md). ``sgdc_conv`` is ``dilation=1,
+clamp=False, softmax=True``.
 
 The backward returns ``(d_x, d_kernel, d_gate)``; ``d_gate`` is an empty tensor when ``gate`` is
 None. Both operators receive dense tensors that share one memory format (contiguous or
@@ -27,11 +34,9 @@ from typing import Any
 
 import torch
 
-FORWARD_SCHEMA = "(Tensor x, Tensor kernel, Tensor? gate, int kernel_size, int num_heads) -> Tensor"
-BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor x, Tensor kernel, Tensor? gate, int kernel_size, int num_heads)"
-    " -> (Tensor, Tensor, Tensor)"
-)
+_MODE_ARGS = "int kernel_size, int num_heads, int dilation, bool clamp, bool softmax"
+FORWARD_SCHEMA = f"(Tensor x, Tensor kernel, Tensor? gate, {_MODE_ARGS}) -> Tensor"
+BACKWARD_SCHEMA = f"(Tensor grad_out, Tensor x, Tensor kernel, Tensor? gate, {_MODE_ARGS}) -> (Tensor, Tensor, Tensor)"
 
 FLOATING_GPU = frozenset({torch.float32, torch.float16, torch.bfloat16})
 FLOATING_ALL = FLOATING_GPU | {torch.float64}
@@ -69,11 +74,11 @@ class Backend:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fake_forward(x, kernel, gate, kernel_size, num_heads):
+def _fake_forward(x, kernel, gate, *mode):
     return torch.empty_like(x)
 
 
-def _fake_backward(grad_out, x, kernel, gate, kernel_size, num_heads):
+def _fake_backward(grad_out, x, kernel, gate, *mode):
     dgate = torch.empty_like(gate) if gate is not None else x.new_empty(0)
     return torch.empty_like(x), torch.empty_like(kernel), dgate
 
@@ -86,18 +91,17 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 
 def _setup_context(ctx, inputs, output):
-    x, kernel, gate, kernel_size, num_heads = inputs
+    x, kernel, gate, *mode = inputs
     ctx.save_for_backward(x, kernel, gate)
-    ctx.kernel_size = kernel_size
-    ctx.num_heads = num_heads
+    ctx.mode = tuple(mode)  # kernel_size, num_heads, dilation, clamp, softmax
 
 
 def _autograd_backward(backward_op):
     def backward(ctx, grad_out):
         x, kernel, gate = ctx.saved_tensors
         grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
-        dx, dkernel, dgate = backward_op(grad_out, x, kernel, gate, ctx.kernel_size, ctx.num_heads)
-        return dx, dkernel, (dgate if gate is not None else None), None, None
+        dx, dkernel, dgate = backward_op(grad_out, x, kernel, gate, *ctx.mode)
+        return dx, dkernel, (dgate if gate is not None else None), *(None for _ in ctx.mode)
 
     return backward
 
@@ -120,8 +124,8 @@ def define_ops(name: str, forward_impl: Callable, backward_impl: Callable) -> tu
     ``backward_impl`` may return None for ``d_gate``; it becomes the empty tensor of the schema.
     """
 
-    def backward(grad_out, x, kernel, gate, kernel_size, num_heads):
-        dx, dkernel, dgate = backward_impl(grad_out, x, kernel, gate, kernel_size, num_heads)
+    def backward(grad_out, x, kernel, gate, kernel_size, num_heads, dilation, clamp, softmax):
+        dx, dkernel, dgate = backward_impl(grad_out, x, kernel, gate, kernel_size, num_heads, dilation, clamp, softmax)
         return dx, dkernel, (dgate if dgate is not None else x.new_empty(0))
 
     fwd = torch.library.custom_op(f"sgdc::{name}_forward", forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)

@@ -1,4 +1,5 @@
-"""The public operator: :func:`sgdc_conv` (definition and gradients: docs/op.md)."""
+"""The public operators: :func:`window_conv`, the per-pixel weighted window sum, and
+:func:`sgdc_conv`, its SGDC configuration (definition and gradients: docs/op.md)."""
 
 from __future__ import annotations
 
@@ -30,12 +31,36 @@ def _check_tensor(name: str, t: object) -> None:
         )
 
 
-def check_inputs(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int) -> None:
+BORDERS = ("zero", "clamp")
+NORMALIZATIONS = ("softmax", None)
+
+
+def check_mode(dilation: int, border: str, normalize: str | None) -> None:
+    _check_int("dilation", dilation)
+    if border not in BORDERS:
+        raise ValueError(f"border: expected 'zero' or 'clamp', got {border!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize: expected 'softmax' or None, got {normalize!r}")
+
+
+def check_inputs(
+    x: Tensor,
+    kernel: Tensor,
+    gate: Tensor | None,
+    kernel_size: int,
+    num_heads: int,
+    *,
+    dilation: int = 1,
+    border: str = "zero",
+    normalize: str | None = "softmax",
+    kernel_name: str = "kernel",
+) -> None:
     """Raise TypeError / ValueError naming the argument and what was expected."""
     _check_int("kernel_size", kernel_size, odd=True)
     _check_int("num_heads", num_heads)
+    check_mode(dilation, border, normalize)
     _check_tensor("x", x)
-    _check_tensor("kernel", kernel)
+    _check_tensor(kernel_name, kernel)
     if gate is not None:
         _check_tensor("gate", gate)
     B, C, H, W = x.shape
@@ -44,13 +69,18 @@ def check_inputs(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: in
     expected = (B, num_heads * kernel_size * kernel_size, H, W)
     if tuple(kernel.shape) != expected:
         raise ValueError(
-            f"kernel: expected shape (B, num_heads*kernel_size**2, H, W) = {expected} "
+            f"{kernel_name}: expected shape (B, num_heads*kernel_size**2, H, W) = {expected} "
             f"for x of shape {tuple(x.shape)}, num_heads={num_heads}, kernel_size={kernel_size}; "
             f"got {tuple(kernel.shape)}"
         )
     if gate is not None and gate.shape != x.shape:
         raise ValueError(f"gate: expected the shape of x {tuple(x.shape)}, got {tuple(gate.shape)}")
-    for name, t in (("kernel", kernel), ("gate", gate)):
+    if border == "clamp" and min(H, W) < kernel_size * dilation:
+        raise ValueError(
+            f"x: border='clamp' needs H and W of at least kernel_size * dilation = "
+            f"{kernel_size * dilation} (every window inside the image), got H={H}, W={W}"
+        )
+    for name, t in ((kernel_name, kernel), ("gate", gate)):
         if t is None:
             continue
         if t.device != x.device:
@@ -71,6 +101,64 @@ def _autocast(x, kernel, gate):
         return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
     return cast(x), cast(kernel), cast(gate)
+
+
+def window_conv(
+    x: Tensor,
+    weights: Tensor,
+    gate: Tensor | None = None,
+    *,
+    kernel_size: int,
+    num_heads: int = 1,
+    dilation: int = 1,
+    border: str = "zero",
+    normalize: str | None = "softmax",
+    backend: str = "auto",
+) -> Tensor:
+    """Per-pixel weighted window sum: each pixel's K x K window of ``x`` (taps ``dilation``
+    pixels apart), weighted per head by that pixel's own ``weights``, times ``sigmoid(gate)``.
+
+    Args:
+        x: features, (B, C, H, W); head h owns channels [h*C/G, (h+1)*C/G).
+        weights: per-pixel weights, (B, num_heads*K*K, H, W); channel h*K*K + u*K + v is tap
+            (u, v) of head h: logits when ``normalize="softmax"`` (the softmax runs over the K*K
+            taps of each head and pixel), the weights themselves when ``normalize=None``.
+        gate: gate logits, (B, C, H, W), or None for no gate.
+        kernel_size: K, odd. num_heads: G, divides C. dilation: distance between taps, >= 1.
+        border: ``"zero"``: the window is centred on its pixel and ``x`` is zero outside the
+            image; ``"clamp"``: the window is shifted to stay inside the image (NATTEN's rule;
+            needs H and W >= kernel_size * dilation).
+        normalize: ``"softmax"`` or None.
+        backend: "auto", "unfold", "torch", "triton" or "cuda" (see available_backends()).
+
+    Returns a tensor shaped, typed and laid out (contiguous or channels_last) like ``x``.
+    Differentiable in x, weights and gate; works under torch.compile(fullgraph=True).
+    :func:`sgdc_conv` is this op with ``border="zero"``, ``normalize="softmax"``, ``dilation=1``.
+    """
+    check_name(backend)
+    x, weights, gate = _autocast(x, weights, gate)
+    check_inputs(
+        x,
+        weights,
+        gate,
+        kernel_size,
+        num_heads,
+        dilation=dilation,
+        border=border,
+        normalize=normalize,
+        kernel_name="weights",
+    )
+    return _run(backend, x, weights, gate, kernel_size, num_heads, dilation, border == "clamp", normalize is not None)
+
+
+def _run(backend, x, kernel, gate, kernel_size, num_heads, dilation, clamp, softmax) -> Tensor:
+    name = resolve_backend(backend, x.device.type, x.dtype)
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    kernel = kernel.contiguous(memory_format=fmt)
+    if gate is not None:
+        gate = gate.contiguous(memory_format=fmt)
+    return forward_op(name)(x, kernel, gate, kernel_size, num_heads, dilation, clamp, softmax)
 
 
 def sgdc_conv(
@@ -95,14 +183,9 @@ def sgdc_conv(
 
     Returns a tensor shaped, typed and laid out (contiguous or channels_last) like ``x``.
     Differentiable in x, kernel and gate; works under torch.compile(fullgraph=True).
+    This is :func:`window_conv` with centred, zero-padded windows and the softmax.
     """
     check_name(backend)
     x, kernel, gate = _autocast(x, kernel, gate)
     check_inputs(x, kernel, gate, kernel_size, num_heads)
-    name = resolve_backend(backend, x.device.type, x.dtype)
-    fmt = memory_format_of(x)
-    x = x.contiguous(memory_format=fmt)
-    kernel = kernel.contiguous(memory_format=fmt)
-    if gate is not None:
-        gate = gate.contiguous(memory_format=fmt)
-    return forward_op(name)(x, kernel, gate, kernel_size, num_heads)
+    return _run(backend, x, kernel, gate, kernel_size, num_heads, 1, False, True)

@@ -1,16 +1,19 @@
-"""Pure PyTorch implementations of sgdc_conv (definition: docs/op.md).
+"""Pure PyTorch implementations of the window sum behind sgdc_conv (definition: docs/op.md).
 
 Two formulations live here, and nowhere else:
 
-* :func:`unfold_forward` is the paper's formulation (``F.unfold`` + softmax + einsum). It is
-  differentiable by autograd and serves as the correctness oracle of every other backend. It
-  materializes a tensor ``K*K`` times larger than ``x``.
-* :func:`shift_forward` / :func:`shift_backward` never build that tensor: they pad ``x`` once and
-  accumulate the ``K*K`` shifted views weighted by the softmax, with a hand-written backward whose
-  memory stays proportional to the inputs. This is the portable ``torch`` backend.
+* :func:`unfold_forward` is the paper's formulation (``F.unfold`` + softmax + einsum), generalized
+  to dilation, NATTEN's clamped windows and unnormalized weights. It is differentiable by autograd
+  and serves as the correctness oracle of every other backend. It materializes a tensor ``K*K``
+  times larger than ``x``.
+* :func:`shift_forward` / :func:`shift_backward` never build that tensor: they accumulate the
+  ``K*K`` shifted (or, with clamped windows, gathered) views of ``x`` weighted per pixel, with a
+  hand-written backward whose memory stays proportional to the inputs. This is the portable
+  ``torch`` backend.
 
-All functions take already validated, dense (contiguous or channels_last) tensors; the public entry
-point :func:`sgdc_kernels.sgdc_conv` does the validation.
+Every function takes the configuration as ``kernel_size, num_heads, dilation, clamp, softmax``
+(``sgdc_conv`` is ``dilation=1, clamp=False, softmax=True``) and already validated, dense
+(contiguous or channels_last) tensors; the public entry points in :mod:`sgdc_kernels.ops` validate.
 """
 
 from __future__ import annotations
@@ -28,44 +31,135 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def unfold_forward(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int) -> Tensor:
-    """The paper's formulation: ``F.unfold`` with zero padding, softmax over the taps, window sum."""
+def window_starts(n: int, kernel_size: int, dilation: int = 1, clamp: bool = False) -> list[int]:
+    """Image index of the first tap of each pixel's window along an axis of length ``n``.
+
+    Centred windows (``clamp=False``) start at ``i - (K//2)*dilation`` and may leave the image.
+    Clamped windows (NATTEN's rule) stay inside: the pixels ``i = m + dilation*g`` with the same
+    residue ``m`` form an undilated axis of length ``L = ceil((n - m) / dilation)`` on which the
+    window starts at ``min(max(g - K//2, 0), L - K)``; this needs ``n >= K * dilation``.
+    """
+    r = kernel_size // 2
+    if not clamp:
+        return [i - r * dilation for i in range(n)]
+    starts = []
+    for i in range(n):
+        m, g = i % dilation, i // dilation
+        length = -(-(n - m) // dilation)
+        starts.append(m + dilation * min(max(g - r, 0), length - kernel_size))
+    return starts
+
+
+def _weights(kernel: Tensor, B: int, G: int, KK: int, softmax: bool, dtype: torch.dtype) -> Tensor:
+    """(B, G, K*K, H, W) per-pixel weights: the softmax of the logits, or the weights as given."""
+    w = kernel.reshape(B, G, KK, *kernel.shape[2:]).to(dtype)
+    return w.softmax(dim=2) if softmax else w
+
+
+def unfold_forward(
+    x: Tensor,
+    kernel: Tensor,
+    gate: Tensor | None,
+    kernel_size: int,
+    num_heads: int,
+    dilation: int = 1,
+    clamp: bool = False,
+    softmax: bool = True,
+) -> Tensor:
+    """The paper's formulation: ``F.unfold`` (zero padding), weights over the taps, window sum.
+
+    With clamped windows, ``x`` is unfolded without padding (every window inside the image) and
+    each pixel takes the window at its start: for ``dilation=1`` that is the unfolded tensor
+    replicate-padded by ``K//2`` (the fallback OverLoCK-style code uses), for larger dilations the
+    windows at NATTEN's starts.
+    """
     B, C, H, W = x.shape
-    K, G = kernel_size, num_heads
+    K, G, d = kernel_size, num_heads, dilation
     if x.numel() == 0:  # F.unfold rejects empty spatial dims; keep the graph to every input
         out = x + 0 * kernel[:, :1]
         return out * torch.sigmoid(gate) if gate is not None else out
-    cols = F.unfold(x, K, padding=K // 2).view(B, G, C // G, K * K, H * W)
-    probs = kernel.reshape(B, G, K * K, H * W).softmax(dim=2)
-    out = torch.einsum("bgctn,bgtn->bgcn", cols, probs).reshape(B, C, H, W)
+    if not clamp:
+        cols = F.unfold(x, K, dilation=d, padding=(K // 2) * d)
+    else:
+        cols = F.unfold(x, K, dilation=d).view(B, C * K * K, H - (K - 1) * d, W - (K - 1) * d)
+        if d == 1:
+            cols = F.pad(cols, (K // 2,) * 4, mode="replicate")
+        else:
+            rows = torch.tensor(window_starts(H, K, d, True), device=x.device)
+            columns = torch.tensor(window_starts(W, K, d, True), device=x.device)
+            cols = cols.index_select(2, rows).index_select(3, columns)
+    cols = cols.reshape(B, G, C // G, K * K, H * W)
+    weights = _weights(kernel, B, G, K * K, softmax, x.dtype).reshape(B, G, K * K, H * W)
+    out = torch.einsum("bgctn,bgtn->bgcn", cols, weights).reshape(B, C, H, W)
     if gate is not None:
         out = out * torch.sigmoid(gate)
     return out.contiguous(memory_format=memory_format_of(x))
 
 
-def _taps(kernel_size: int):
-    for u in range(kernel_size):
-        for v in range(kernel_size):
-            yield u * kernel_size + v, u, v
+class _Taps:
+    """The K*K taps of a configuration as views of ``x`` (and the matching scatter for dx).
+
+    Centred windows pad ``x`` with ``(K//2)*dilation`` zeros once and take strided slices; clamped
+    windows gather rows and columns at each tap's index (they never leave the image).
+    """
+
+    def __init__(self, shape5, kernel_size: int, dilation: int, clamp: bool, device) -> None:
+        *_, H, W = shape5
+        self.K, self.d, self.clamp, self.H, self.W = kernel_size, dilation, clamp, H, W
+        self.pad = 0 if clamp else (kernel_size // 2) * dilation
+        if clamp:
+            self.rows = torch.tensor(window_starts(H, kernel_size, dilation, True), device=device)
+            self.cols = torch.tensor(window_starts(W, kernel_size, dilation, True), device=device)
+
+    def __iter__(self):
+        for u in range(self.K):
+            for v in range(self.K):
+                yield u * self.K + v, u * self.d, v * self.d
+
+    def padded(self, t: Tensor) -> Tensor:
+        return F.pad(t, (self.pad,) * 4) if self.pad else t
+
+    def view(self, tp: Tensor, du: int, dv: int) -> Tensor:
+        """Tap (du, dv) of every pixel, from ``tp = padded(t)``."""
+        if not self.clamp:
+            return tp[..., du : du + self.H, dv : dv + self.W]
+        return tp[..., self.rows + du, :][..., self.cols + dv]
+
+    def scatter_add(self, acc: Tensor, du: int, dv: int, values: Tensor) -> None:
+        """``acc`` (padded like ``padded``) += ``values`` moved back to the tap's positions."""
+        if not self.clamp:
+            acc[..., du : du + self.H, dv : dv + self.W].add_(values)
+            return
+        by_col = torch.zeros_like(acc).index_add_(-1, self.cols + dv, values)
+        acc.index_add_(-2, self.rows + du, by_col)
 
 
-def _softmax_and_padded_input(x: Tensor, kernel: Tensor, kernel_size: int, num_heads: int):
+def _prepare(x: Tensor, kernel: Tensor, kernel_size: int, num_heads: int, dilation: int, clamp: bool, softmax: bool):
     B, C, H, W = x.shape
-    K, G, r = kernel_size, num_heads, kernel_size // 2
+    G = num_heads
     acc = accumulation_dtype(x.dtype)
     # (B, G, 1, K*K, H, W): the singleton broadcasts over the head's channels.
-    probs = kernel.reshape(B, G, K * K, H, W).to(acc).softmax(dim=2).unsqueeze(2)
-    xpad = F.pad(x, (r, r, r, r)).reshape(B, G, C // G, H + 2 * r, W + 2 * r)
-    return probs, xpad
+    weights = _weights(kernel, B, G, kernel_size**2, softmax, acc).unsqueeze(2)
+    taps = _Taps((B, G, C // G, H, W), kernel_size, dilation, clamp, x.device)
+    return weights, taps, taps.padded(x.reshape(B, G, C // G, H, W))
 
 
-def shift_forward(x: Tensor, kernel: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int) -> Tensor:
-    """Shift-and-accumulate forward: ``sum_t P[t] * shift_t(x)``, then the gate. Differentiable."""
+def shift_forward(
+    x: Tensor,
+    kernel: Tensor,
+    gate: Tensor | None,
+    kernel_size: int,
+    num_heads: int,
+    dilation: int = 1,
+    clamp: bool = False,
+    softmax: bool = True,
+) -> Tensor:
+    """Shift-and-accumulate forward: ``sum_t w[t] * tap_t(x)``, then the gate. Differentiable."""
     B, C, H, W = x.shape
-    probs, xpad = _softmax_and_padded_input(x, kernel, kernel_size, num_heads)
-    y = torch.zeros(B, num_heads, C // num_heads, H, W, dtype=probs.dtype, device=x.device)
-    for t, u, v in _taps(kernel_size):
-        y.addcmul_(probs[:, :, :, t], xpad[..., u : u + H, v : v + W])
+    weights, taps, xp = _prepare(x, kernel, kernel_size, num_heads, dilation, clamp, softmax)
+    y = torch.zeros(B, num_heads, C // num_heads, H, W, dtype=weights.dtype, device=x.device)
+    for t, du, dv in taps:
+        y.addcmul_(weights[:, :, :, t], taps.view(xp, du, dv))
     y = y.reshape(B, C, H, W)
     if gate is not None:
         y = y * torch.sigmoid(gate.to(y.dtype))
@@ -79,6 +173,9 @@ def shift_backward(
     gate: Tensor | None,
     kernel_size: int,
     num_heads: int,
+    dilation: int = 1,
+    clamp: bool = False,
+    softmax: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of :func:`shift_forward` by the formulas of docs/op.md, one tap at a time.
 
@@ -86,32 +183,34 @@ def shift_backward(
     ``kernel``; the ``K*K``-fold unfold is never built.
     """
     B, C, H, W = x.shape
-    K, G, r = kernel_size, num_heads, kernel_size // 2
-    probs, xpad = _softmax_and_padded_input(x, kernel, K, G)
-    acc = probs.dtype
+    K, G = kernel_size, num_heads
+    weights, taps, xp = _prepare(x, kernel, K, G, dilation, clamp, softmax)
+    acc = weights.dtype
     shape5 = (B, G, C // G, H, W)
     g_y = grad_out.reshape(shape5).to(acc)
     if gate is not None:
         s = torch.sigmoid(gate.reshape(shape5).to(acc))
         g_y = g_y * s
         y = torch.zeros(shape5, dtype=acc, device=x.device)
-    dprobs = torch.empty(B, G, K * K, H, W, dtype=acc, device=x.device)
-    dxpad = torch.zeros(B, G, C // G, H + 2 * r, W + 2 * r, dtype=acc, device=x.device)
-    for t, u, v in _taps(K):
-        x_t = xpad[..., u : u + H, v : v + W]
-        p_t = probs[:, :, :, t]
+    dweights = torch.empty(B, G, K * K, H, W, dtype=acc, device=x.device)
+    dxp = taps.padded(torch.zeros(shape5, dtype=acc, device=x.device))
+    for t, du, dv in taps:
+        x_t = taps.view(xp, du, dv)
+        w_t = weights[:, :, :, t]
         if gate is not None:
-            y.addcmul_(p_t, x_t)
-        # dP[t] = sum over the head's channels of g_y * shift_t(x)
-        torch.sum(g_y * x_t, dim=2, out=dprobs[:, :, t])
-        # dx: scatter P[t] * g_y back to the shifted window (a gather on the padded grid).
-        dxpad[..., u : u + H, v : v + W].addcmul_(p_t, g_y)
-    probs = probs.squeeze(2)
-    dkernel = probs * (dprobs - (probs * dprobs).sum(dim=2, keepdim=True))
-    dx = dxpad[..., r : r + H, r : r + W].reshape(B, C, H, W)
+            y.addcmul_(w_t, x_t)
+        # dW[t] = sum over the head's channels of g_y * tap_t(x)
+        torch.sum(g_y * x_t, dim=2, out=dweights[:, :, t])
+        # dx: move W[t] * g_y back to the positions tap t read.
+        taps.scatter_add(dxp, du, dv, w_t * g_y)
+    weights = weights.squeeze(2)
+    if softmax:  # through the softmax: dlogits = P * (dP - sum_t P dP)
+        dweights = weights * (dweights - (weights * dweights).sum(dim=2, keepdim=True))
+    p = taps.pad
+    dx = dxp[..., p : p + H, p : p + W].reshape(B, C, H, W)
     fmt = memory_format_of(x)
     dx = dx.to(x.dtype).contiguous(memory_format=fmt)
-    dkernel = dkernel.reshape(kernel.shape).to(kernel.dtype).contiguous(memory_format=fmt)
+    dkernel = dweights.reshape(kernel.shape).to(kernel.dtype).contiguous(memory_format=fmt)
     dgate = None
     if gate is not None:
         dgate = (grad_out.reshape(shape5).to(acc) * y * s * (1 - s)).reshape(B, C, H, W)

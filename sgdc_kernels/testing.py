@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .backends import memory_format_of
-from .ops import sgdc_conv
+from .ops import window_conv
 from .reference import unfold_forward
 from .registry import get_backend
 
@@ -60,18 +60,66 @@ def forward_backward(
     return out, torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
 
 
-def oracle(kernel_size: int, num_heads: int) -> Callable[..., Tensor]:
-    """The paper's formulation in float64; its gradients come from autograd."""
+def mode_args(mode: dict | None) -> tuple[int, bool, bool]:
+    """``(dilation, clamp, softmax)`` of window_conv keywords ``dilation``, ``border``, ``normalize``."""
+    mode = mode or {}
+    return mode.get("dilation", 1), mode.get("border", "zero") == "clamp", mode.get("normalize", "softmax") is not None
+
+
+def oracle(kernel_size: int, num_heads: int, mode: dict | None = None) -> Callable[..., Tensor]:
+    """The paper's formulation in float64; its gradients come from autograd. ``mode``: the
+    window_conv keywords ``dilation``, ``border``, ``normalize`` (default: sgdc_conv's)."""
 
     def fn(x, kernel, gate):
         gate = gate.double() if gate is not None else None
-        return unfold_forward(x.double(), kernel.double(), gate, kernel_size, num_heads)
+        return unfold_forward(x.double(), kernel.double(), gate, kernel_size, num_heads, *mode_args(mode))
 
     return fn
 
 
-def backend_fn(backend: str, kernel_size: int, num_heads: int) -> Callable[..., Tensor]:
-    return lambda x, k, g: sgdc_conv(x, k, g, kernel_size=kernel_size, num_heads=num_heads, backend=backend)
+def gather_reference(
+    x: Tensor, weights: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int, mode: dict | None = None
+) -> Tensor:
+    """The window sum written from its definition, independently of ``F.unfold`` and of the
+    backends, in float64: for every tap, the image index each pixel reads along each axis (NATTEN's
+    window start for clamped windows, computed by its own formula), zero where it leaves the image.
+    Differentiable by autograd."""
+    dilation, clamp, softmax = mode_args(mode)
+    B, C, H, W = x.shape
+    K, G, d, r = kernel_size, num_heads, dilation, kernel_size // 2
+
+    def start(i: int, n: int) -> int:  # NATTEN's get_window_start
+        if not clamp:
+            return i - r * d
+        if d == 1:
+            return max(i - r, 0) + (i + r >= n) * (n - i - r - 1)
+        if i - r * d < 0:
+            return i % d
+        if i + r * d >= n:
+            a = (n // d) * d
+            b = n - a
+            return n - b + i % d - 2 * r * d if i % d < b else a + i % d - K * d
+        return i - r * d
+
+    w = weights.double().reshape(B, G, K * K, H, W)
+    w = w.softmax(dim=2) if softmax else w
+    xs = x.double().reshape(B, G, C // G, H, W)
+    out = torch.zeros_like(xs)
+    for u in range(K):
+        rows = torch.tensor([start(i, H) + u * d for i in range(H)], device=x.device)
+        for v in range(K):
+            cols = torch.tensor([start(j, W) + v * d for j in range(W)], device=x.device)
+            inside = ((rows >= 0) & (rows < H))[:, None] & ((cols >= 0) & (cols < W))[None, :]
+            tap = xs[..., rows.clamp(0, H - 1), :][..., cols.clamp(0, W - 1)] * inside
+            out = out + w[:, :, None, u * K + v] * tap
+    out = out.reshape(B, C, H, W)
+    return out * torch.sigmoid(gate.double()) if gate is not None else out
+
+
+def backend_fn(backend: str, kernel_size: int, num_heads: int, mode: dict | None = None) -> Callable[..., Tensor]:
+    return lambda x, k, g: window_conv(
+        x, k, g, kernel_size=kernel_size, num_heads=num_heads, backend=backend, **(mode or {})
+    )
 
 
 # `unfold` computes in the input's dtype, softmax and einsum included (as the authors' code does
@@ -94,16 +142,19 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str
     )
 
 
-def check_tensors(backend: str, tensors: Sequence[Tensor | None], kernel_size: int, num_heads: int) -> None:
+def check_tensors(
+    backend: str, tensors: Sequence[Tensor | None], kernel_size: int, num_heads: int, mode: dict | None = None
+) -> None:
     """``backend`` on these very tensors (any strides) against the oracle: forward and every
     gradient, and results laid out like ``torch.empty_like`` of the inputs in ``x``'s memory
-    format (the gradients of ``unfold`` are autograd's, whatever their layout)."""
+    format (the gradients of ``unfold`` are autograd's, whatever their layout). ``mode``: the
+    window_conv keywords ``dilation``, ``border``, ``normalize`` (default: sgdc_conv's)."""
     x = tensors[0]
     check_strides = get_backend(backend).backward is not None
     dtype = x.dtype
     grad_out = torch.randn(x.shape, device=x.device).to(dtype)
-    out, grads = forward_backward(backend_fn(backend, kernel_size, num_heads), tensors, grad_out)
-    ref_out, ref_grads = forward_backward(oracle(kernel_size, num_heads), tensors, grad_out.double())
+    out, grads = forward_backward(backend_fn(backend, kernel_size, num_heads, mode), tensors, grad_out)
+    ref_out, ref_grads = forward_backward(oracle(kernel_size, num_heads, mode), tensors, grad_out.double())
     assert out.dtype == dtype and out.shape == x.shape
     tol = tolerances(backend, dtype)
     assert_close(out, ref_out, dtype, "out", tol)
@@ -125,8 +176,9 @@ def check_backend(
     *,
     gate: bool = True,
     memory_format: torch.memory_format = torch.contiguous_format,
+    mode: dict | None = None,
 ) -> None:
     """Fresh random inputs of ``shape = (B, C, H, W, num_heads, kernel_size)``; see check_tensors."""
     *_, G, K = shape
     tensors = make_inputs(shape, dtype, device, gate=gate, memory_format=memory_format)
-    check_tensors(backend, tensors, K, G)
+    check_tensors(backend, tensors, K, G, mode)

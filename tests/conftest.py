@@ -51,9 +51,9 @@ def fake_variants(monkeypatch):
 
     seen = []
 
-    def forward(x, kernel, gate, kernel_size, num_heads):
+    def forward(x, kernel, gate, *config):
         seen.append(os.environ.get(VARIANT_ENV))
-        return unfold_forward(x, kernel, gate, kernel_size, num_heads)
+        return unfold_forward(x, kernel, gate, *config)
 
     fake = Backend("torch", forward, None, frozenset({"cpu"}), FLOATING_ALL, "fake", ("v1", "v2"), VARIANT_ENV)
     monkeypatch.setitem(registry._LOADED, "torch", fake)

@@ -110,10 +110,10 @@ def test_fake_kernels_and_autograd(channels_last, gate, dtype):
     _extension()
     with FakeTensorMode():
         x, k, g = _fake_inputs(2, 8, 5, 6, 2, 3, gate, channels_last, dtype)
-        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
+        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True)
         assert out.shape == x.shape and out.stride() == x.stride() and out.dtype == dtype
         assert out.device.type == "cuda"
-        dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2)
+        dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2, 1, False, True)
         assert dx.stride() == x.stride() and dk.stride() == k.stride()
         assert dk.shape == k.shape and dk.dtype == dtype
         if gate:
@@ -123,7 +123,7 @@ def test_fake_kernels_and_autograd(channels_last, gate, dtype):
         # Autograd through the registered backward; the engine needs a real CUDA device for
         # fake CUDA tensors, so this part runs on fake meta tensors.
         x, k, g = _fake_inputs(2, 8, 5, 6, 2, 3, gate, channels_last, dtype, device="meta")
-        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
+        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True)
         grads = torch.autograd.grad(out.sum(), [t for t in (x, k, g) if t is not None])
         for grad, leaf in zip(grads, (x, k, g)):
             assert grad.shape == leaf.shape and grad.stride() == leaf.stride()
@@ -183,9 +183,9 @@ def test_matches_float64_reference(shape, dtype, channels_last, gate, variant):
 @requires_gpu
 def test_empty_batch(variant):
     x, k, g = _inputs((0, 8, 5, 5, 2, 3), torch.float32, False, True)
-    out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
+    out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True)
     assert out.shape == x.shape
-    dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2)
+    dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2, 1, False, True)
     assert dx.shape == x.shape and dk.shape == k.shape and dg.shape == g.shape
 
 
@@ -194,18 +194,18 @@ def test_unknown_variant_is_a_clear_error(monkeypatch):
     x, k, g = _inputs((1, 8, 5, 5, 2, 3), torch.float32, False, True)
     monkeypatch.setenv("SGDC_CUDA_VARIANT", "nonesuch")
     with pytest.raises(RuntimeError, match="SGDC_CUDA_VARIANT=nonesuch is not a kernel variant"):
-        torch.ops.sgdc.cuda_forward(x, k, g, 3, 2)
+        torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True)
 
 
 @requires_gpu
 def test_operator_checks_its_inputs():
     x, k, g = _inputs((1, 8, 5, 5, 2, 3), torch.float32, False, True)
     with pytest.raises(RuntimeError, match="kernel must have shape"):
-        torch.ops.sgdc.cuda_forward(x, k[:, :9], g, 3, 2)
+        torch.ops.sgdc.cuda_forward(x, k[:, :9], g, 3, 2, 1, False, True)
     with pytest.raises(RuntimeError, match="dtype"):
-        torch.ops.sgdc.cuda_forward(x, k.half(), g, 3, 2)
+        torch.ops.sgdc.cuda_forward(x, k.half(), g, 3, 2, 1, False, True)
     with pytest.raises(RuntimeError, match="dense in x's memory format"):
-        torch.ops.sgdc.cuda_forward(x, k.contiguous(memory_format=torch.channels_last), g, 3, 2)
+        torch.ops.sgdc.cuda_forward(x, k.contiguous(memory_format=torch.channels_last), g, 3, 2, 1, False, True)
 
 
 @requires_gpu
@@ -225,7 +225,7 @@ def test_backward_is_deterministic(dtype, K, variant):
 @pytest.mark.parametrize("channels_last,gate", [(False, True), (True, False)])
 def test_opcheck(channels_last, gate, variant):
     x, k, g = _inputs((2, 8, 6, 7, 2, 3), torch.float32, channels_last, gate)
-    args = (x.requires_grad_(), k.requires_grad_(), g.requires_grad_() if gate else None, 3, 2)
+    args = (x.requires_grad_(), k.requires_grad_(), g.requires_grad_() if gate else None, 3, 2, 1, False, True)
     torch.library.opcheck(torch.ops.sgdc.cuda_forward.default, args)
     dout = torch.randn_like(x)
     torch.library.opcheck(
@@ -260,8 +260,8 @@ def test_tensor_over_2_31_elements(variant):
     gen = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda c: torch.randn(B, c, H, W, device="cuda", dtype=torch.float16, generator=gen)  # noqa: E731
     x, k, dout = rand(C), rand(G * K * K), rand(C)
-    out = torch.ops.sgdc.cuda_forward(x, k, None, K, G)
-    dx, dk, _ = torch.ops.sgdc.cuda_backward(dout, x, k, None, K, G)
+    out = torch.ops.sgdc.cuda_forward(x, k, None, K, G, 1, False, True)
+    dx, dk, _ = torch.ops.sgdc.cuda_backward(dout, x, k, None, K, G, 1, False, True)
     n, m = 24, 2 * (K // 2)  # crop size; margin where a crop's inner edge cuts the window
     for top, left in ((0, 0), (H - n, W - n)):
         rows, cols = slice(top, top + n), slice(left, left + n)

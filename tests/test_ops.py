@@ -71,17 +71,18 @@ def test_gradcheck_float64(backend, with_gate):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_gate", [True, False])
-def test_opcheck_torch_backend(layout, with_gate):
+@pytest.mark.parametrize("config", [(1, False, True), (2, True, False)], ids=["sgdc", "dilated-clamp-raw"])
+def test_opcheck_torch_backend(layout, with_gate, config):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x, kernel, gate = (
         t.contiguous(memory_format=fmt).requires_grad_() if t is not None else None
-        for t in make_inputs((2, 4, 5, 6, 2, 3), gate=with_gate)
+        for t in make_inputs((2, 4, 6, 7, 2, 3), gate=with_gate)
     )
     backend = get_backend("torch")
-    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2))
+    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2, *config))
     grad_out = torch.randn_like(x)
     detached = [t.detach() if t is not None else None for t in (grad_out, x, kernel, gate)]
-    torch.library.opcheck(backend.backward, (*detached, 3, 2))
+    torch.library.opcheck(backend.backward, (*detached, 3, 2, *config))
 
 
 class Block(torch.nn.Module):

@@ -130,7 +130,7 @@ def test_interpreter_16_bit(variant, dtype, layout):
     tensors = make_inputs(shape, dtype, gate=True, memory_format=LAYOUTS[layout], scale=30.0)
     grad_out = torch.randn(B, C, H, W).to(dtype)
     backend = get_backend("triton")
-    out, grads = run(lambda x, k, g: backend.forward(x, k, g, K, G), tensors, grad_out)
+    out, grads = run(lambda x, k, g: backend.forward(x, k, g, K, G, 1, False, True), tensors, grad_out)
     ref_out, ref_grads = run(oracle(K, G), tensors, grad_out.double())
     for name, got, want in zip(("out", "d_x", "d_kernel", "d_gate"), (out, *grads), (ref_out, *ref_grads)):
         assert got.dtype == dtype, name
@@ -171,9 +171,11 @@ def test_interpreter_opcheck(with_gate):
     )
     backend = get_backend("triton")
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2), test_utils=checks)
+    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2, 1, False, True), test_utils=checks)
     detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
-    torch.library.opcheck(backend.backward, (*detached, 3, 2), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        backend.backward, (*detached, 3, 2, 1, False, True), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 @requires_interpreter
@@ -271,9 +273,9 @@ def test_gpu_opcheck(variant, with_gate, layout):
         for t in _inputs((2, 8, 6, 5, 2, 3), device="cuda", gate=with_gate, layout=layout)
     )
     backend = get_backend("triton")
-    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2))
+    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2, 1, False, True))
     detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
-    torch.library.opcheck(backend.backward, (*detached, 3, 2))
+    torch.library.opcheck(backend.backward, (*detached, 3, 2, 1, False, True))
 
 
 @requires_gpu
