@@ -16,10 +16,13 @@ TORCH_LIBRARY_FRAGMENT(sgdc, m) {
   // sgdc_kernels._cuda._register(); the fakes themselves live in sgdc_kernels.backends (torch
   // checks that the module named here is where the fake implementation was defined).
   m.set_python_module("sgdc_kernels.backends", "import sgdc_kernels._C registers them");
-  m.def("cuda_forward(Tensor x, Tensor kernel, Tensor? gate, int kernel_size, int num_heads) -> Tensor");
+  // The schemas of sgdc_kernels.backends (FORWARD_SCHEMA, BACKWARD_SCHEMA).
+  m.def(
+      "cuda_forward(Tensor x, Tensor kernel, Tensor? gate, int kernel_size, int num_heads, "
+      "int dilation, bool clamp, bool softmax) -> Tensor");
   m.def(
       "cuda_backward(Tensor grad_out, Tensor x, Tensor kernel, Tensor? gate, int kernel_size, "
-      "int num_heads) -> (Tensor, Tensor, Tensor)");
+      "int num_heads, int dilation, bool clamp, bool softmax) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef SGDC_PYTHON_MODULE

@@ -180,6 +180,43 @@ def test_matches_float64_reference(shape, dtype, channels_last, gate, variant):
     check_backend("cuda", shape, dtype, "cuda", gate=gate, memory_format=fmt)
 
 
+WINDOW_MODES = [
+    dict(dilation=d, border=b, normalize=n)
+    for d, b, n in ((1, "clamp", None), (1, "clamp", "softmax"), (2, "zero", "softmax"), (2, "clamp", None),
+                    (1, "zero", None))
+]  # fmt: skip
+
+
+@requires_gpu
+@pytest.mark.parametrize("mode", WINDOW_MODES, ids=lambda m: f"d{m['dilation']}-{m['border']}-{m['normalize']}")
+@pytest.mark.parametrize("K", [3, 7, 13, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_window_conv_configurations(mode, K, dtype, channels_last, variant):
+    """Dilated and clamped windows and raw weights (every variant runs them with v2's kernels)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    d = mode["dilation"]
+    shape = (2, 24, K * d + 5, K * d + 19, 2, K)
+    check_backend("cuda", shape, dtype, "cuda", gate=K % 2 == 1 and channels_last, memory_format=fmt, mode=mode)
+
+
+@requires_gpu
+def test_na2d_av_on_the_gpu():
+    """NATTEN's layout on the fused kernels: OverLoCK's large kernel on a 56x56 map, bf16."""
+    from sgdc_kernels.compat import na2d_av
+
+    attn = torch.randn(2, 4, 56, 56, 17 * 17, device="cuda").softmax(-1).bfloat16().requires_grad_()
+    value = torch.randn(2, 4, 56, 56, 32, device="cuda").bfloat16().requires_grad_()
+    grad = torch.randn_like(value)
+    out, grads = forward_backward(lambda a, v: na2d_av(a, v, 17, backend="cuda"), (attn, value), grad)
+    ref, ref_grads = forward_backward(
+        lambda a, v: na2d_av(a, v, 17, backend="torch"), (attn.double(), value.double()), grad.double()
+    )
+    assert_close(out, ref, torch.bfloat16, "out")
+    for got, want, name in zip(grads, ref_grads, ("d_attn", "d_value")):
+        assert_close(got, want, torch.bfloat16, name)
+
+
 @requires_gpu
 def test_empty_batch(variant):
     x, k, g = _inputs((0, 8, 5, 5, 2, 3), torch.float32, False, True)
@@ -210,13 +247,13 @@ def test_operator_checks_its_inputs():
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("K", [7, 9])
-def test_backward_is_deterministic(dtype, K, variant):
+@pytest.mark.parametrize("K,config", [(7, (1, False, True)), (9, (1, False, True)), (13, (2, True, False))])
+def test_backward_is_deterministic(dtype, K, config, variant):
     x, k, g = _inputs((2, 64, 32, 48, 4, K), dtype, True, True)
     dout = torch.randn_like(x)
-    first = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4)
+    first = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4, *config)
     for _ in range(3):
-        again = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4)
+        again = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4, *config)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
 

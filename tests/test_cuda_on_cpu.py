@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgdc_kernels.testing import forward_backward, make_inputs, oracle
+from sgdc_kernels.testing import forward_backward, make_inputs, mode_args, oracle
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = Path(__file__).resolve().parent / "cuda_emu"
@@ -110,8 +110,14 @@ class Cases:
         self.dir = directory
         self.cases = {}
 
-    def add(self, shape, dtype: str, layout: str, gate: bool, variant: str, scale: float = 30.0) -> None:
+    def add(
+        self, shape, dtype: str, layout: str, gate: bool, variant: str, scale: float = 30.0, mode: dict | None = None
+    ) -> None:
+        """One case; ``mode``: window_conv's ``dilation``, ``border``, ``normalize`` (default sgdc_conv's)."""
         B, C, H, W, G, K = shape
+        dilation, clamp, softmax = mode_args(mode)
+        if not softmax:
+            scale = min(scale, 1.0)  # raw weights: not logits, keep the sums of the order of the inputs
         cid = f"c{len(self.cases)}"
         fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
         x, k, g = make_inputs(shape, DTYPES[dtype], "cpu", gate=gate, memory_format=fmt, scale=scale)
@@ -120,7 +126,8 @@ class Cases:
             if t is not None:
                 (self.dir / f"{cid}.{suffix}").write_bytes(_raw(t))
         line = f"{cid} {dtype} {layout} {B} {C} {H} {W} {G} {K} {int(gate)} {variant}"
-        self.cases[cid] = (line, (x, k, g), dout, K, G)
+        line += f" {dilation} {int(clamp)} {int(softmax)}"
+        self.cases[cid] = (line, (x, k, g), dout, K, G, mode)
 
     def run(self, harness: Path) -> None:
         (self.dir / "cases.txt").write_text("\n".join(c[0] for c in self.cases.values()) + "\n")
@@ -135,21 +142,22 @@ class Cases:
                 + "\n"
                 + res.stderr[-3000:]
             )
-        for cid, (line, tensors, dout, K, G) in self.cases.items():
-            self._check(cid, line, tensors, dout, K, G)
+        for cid, (line, tensors, dout, K, G, mode) in self.cases.items():
+            self._check(cid, line, tensors, dout, K, G, mode)
 
-    def _check(self, cid, line, tensors, dout, K, G) -> None:
+    def _check(self, cid, line, tensors, dout, K, G, mode) -> None:
         x, k, g = tensors
         exact = [t.double() if t is not None else None for t in tensors]  # gradients in float64 too
-        ref_out, ref_grads = forward_backward(oracle(K, G), exact, dout.double())
+        ref_out, ref_grads = forward_backward(oracle(K, G, mode), exact, dout.double())
         names = [("out", x, ref_out), ("dx", x, ref_grads[0]), ("dk", k, ref_grads[1])]
         if g is not None:
             names.append(("dg", g, ref_grads[2]))
         for suffix, like, ref in names:
             got = _from_raw((self.dir / f"{cid}.{suffix}").read_bytes(), like).double()
             assert not got.isnan().any(), f"{line}: {suffix} has NaN (an element no thread wrote?)"
-            # fp32 sums of K*K taps (out, dx) and of Cg channels (dP, inside dkernel and dgate)
-            extra = 64.0 * (K * K + x.shape[1] // G)
+            # fp32 sums of K*K taps (out; dx: up to (K + K//2)^2 near clamped borders) and of Cg
+            # channels (dP, inside dkernel and dgate)
+            extra = 64.0 * ((K + K // 2) ** 2 + x.shape[1] // G)
             err = (got - ref).abs()
             tol = _tolerance(ref, like.dtype, extra)
             if (err > tol).any():
@@ -207,3 +215,27 @@ def test_unknown_variant_is_a_clear_error(harness, tmp_path):
     cases.add((1, 2, 3, 3, 1, 3), "f32", "nchw", False, "nonesuch")
     with pytest.raises(AssertionError, match="SGDC_CUDA_VARIANT=nonesuch is not a kernel variant"):
         cases.run(harness)
+
+
+MODES = [
+    dict(dilation=d, border=b, normalize=n)
+    for d, b, n in ((1, "clamp", "softmax"), (1, "clamp", None), (2, "zero", "softmax"), (2, "clamp", None),
+                    (3, "zero", None), (1, "zero", None))
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_window_conv_configurations(harness, tmp_path, dtype):
+    """Dilated and clamped windows and raw weights (every variant hands them to v2's group-space
+    kernels): K up to 17, images at the smallest clamped size and ragged, several residue groups
+    per axis, both layouts, gate or not. The oracle is F.unfold with those windows."""
+    cases = Cases(tmp_path)
+    for n, mode in enumerate(MODES):
+        d = mode["dilation"]
+        for K in (1, 3, 5, 7, 17) if d == 1 else (3, 5):
+            for m, (extra_h, extra_w) in enumerate(((0, 3), (5, 22))):
+                shape = (1, 6, K * d + extra_h, K * d + extra_w, 2, K)
+                layout = ("nchw", "nhwc")[(n + m) % 2]
+                cases.add(shape, dtype, layout, (n + m + K) % 2 == 0, VARIANTS[(n + m) % len(VARIANTS)], 4.0, mode)
+    cases.add((1, 34, 18, 41, 2, 7), dtype, "nhwc", True, "v2", 4.0, dict(border="clamp"))  # chunks, tiles
+    cases.run(harness)

@@ -54,7 +54,8 @@ inline void check_operand(const char* op, const char* name, const at::Tensor& t,
 
 // Validates the operands of the operators and returns whether they are channels_last.
 inline bool check_inputs(const char* op, const at::Tensor& x, const at::Tensor& kernel,
-                         const std::optional<at::Tensor>& gate, int64_t K, int64_t G) {
+                         const std::optional<at::Tensor>& gate, int64_t K, int64_t G, int64_t d,
+                         bool clamp) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D (B, C, H, W) tensor, got ", x.dim(), "-D");
   const auto dt = x.scalar_type();
@@ -62,7 +63,11 @@ inline bool check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
               ": x must be float32, float16 or bfloat16, got ", dt);
   TORCH_CHECK(K >= 1 && K % 2 == 1, op, ": kernel_size must be a positive odd int, got ", K);
   TORCH_CHECK(G >= 1, op, ": num_heads must be positive, got ", G);
+  TORCH_CHECK(d >= 1 && d < INT_MAX, op, ": dilation must be a positive int, got ", d);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(!clamp || (H >= K * d && W >= K * d), op,
+              ": clamped windows need H and W of at least kernel_size * dilation = ", K * d,
+              ", got H=", H, ", W=", W);
   TORCH_CHECK(C % G == 0 && C >= G, op, ": x's channel count ", C,
               " must be a positive multiple of num_heads=", G);
   TORCH_CHECK(H < INT_MAX && W < INT_MAX, op, ": H and W must be below 2^31");
@@ -82,9 +87,10 @@ inline bool check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   return cl;
 }
 
-inline Shape shape_of(const at::Tensor& x, int64_t K, int64_t G) {
-  return Shape{x.size(0), x.size(1), static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
-               static_cast<int>(G), static_cast<int>(K)};
+inline Shape shape_of(const at::Tensor& x, int64_t K, int64_t G, int64_t d, bool clamp, bool softmax) {
+  return Shape{x.size(0),          x.size(1),          static_cast<int>(x.size(2)),
+               static_cast<int>(x.size(3)), static_cast<int>(G), static_cast<int>(K),
+               static_cast<int>(d), clamp,              softmax};
 }
 
 // The kernel variant for this call, read from the environment each time (bench/run.py switches it

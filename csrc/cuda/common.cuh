@@ -85,7 +85,41 @@ struct Params {
   GlobalOut<float2> stats;  // (max, 1/sum) per (b, g, i, j): written by kGradWeights, read by kGradInput
   int64_t B, C;
   int H, W, G, K, Cg;
-  int tiles_w, tiles;  // tiles along W, tiles per (b, g)
+  int d;         // dilation: taps d pixels apart
+  bool clamp;    // windows shifted to stay inside the image (NATTEN) instead of zeros outside
+  bool softmax;  // logits with a softmax over the taps, or the weights as given
+  int tiles_w, tiles_g, tiles;  // tiles along a group's W, per residue group, per (b, g)
+};
+
+// One axis of a block's tile, in the group space of its dilation residue (docs/op.md): the image
+// indices m, m + d, m + 2d, ... form an undilated axis of length L, on which the window of group
+// index g starts at start(g) (centred; or clamped inside [0, L) with NATTEN's rule). d = 1, m = 0,
+// L = H is the plain image axis.
+struct Axis {
+  int m, d, L, K;
+  bool clamp;
+  __device__ __forceinline__ int image(int g) const { return m + d * g; }
+  __device__ __forceinline__ bool inside(int g) const { return g >= 0 && g < L; }
+  __device__ __forceinline__ int start(int g) const {
+    const int s = g - K / 2;
+    return clamp ? min(max(s, 0), L - K) : s;
+  }
+  // The group indices whose windows cover q form [first_src(q), last_src(q)] (for centred windows
+  // this range may leave [0, L); clamp it); q's tap in the window of p is q - start(p).
+  __device__ __forceinline__ int first_src(int q) const {
+    return clamp && q <= K - 1 ? 0 : q - K / 2;
+  }
+  __device__ __forceinline__ int last_src(int q) const {
+    return clamp && q >= L - K ? L - 1 : q + K / 2;
+  }
+};
+// The plain axis of length n (no dilation, centred windows).
+__device__ __forceinline__ Axis plain_axis(int n, int K) { return Axis{0, 1, n, K, false}; }
+
+// A block's tile in group space: its two axes and the group indices of its first row and column.
+struct GroupTile {
+  Axis ai, aj;
+  int gi0, gj0;
 };
 
 // The K*K per-pixel tap values of one thread: registers for a compile-time K, else a strided
@@ -109,11 +143,17 @@ struct Taps<0> {
 
 __device__ __forceinline__ float sigmoidf(float z) { return 1.f / (1.f + __expf(-z)); }
 
-// P[t] = softmax over the K*K logits of pixel (i, j) of head g; returns (max, 1/sum).
+// P[t] = softmax over the K*K logits of pixel (i, j) of head g; returns (max, 1/sum). Without
+// the softmax (p.softmax false), P[t] is the weight as given and the statistics are (0, 1).
 template <int KT, typename T, bool CL, typename TapsT>
 __device__ __forceinline__ float2 softmax_taps(TapsT& P, const Params<T>& p, const Dense4<CL>& ki,
                                                int64_t b, int64_t kc0, int K, int i, int j) {
   const int KK = K * K;
+  if (!p.softmax) {
+#pragma unroll
+    for (int t = 0; t < KK; ++t) P[t] = static_cast<float>(p.logits[ki(b, kc0 + t, i, j)]);
+    return make_float2(0.f, 1.f);
+  }
   float mx = -INFINITY;
 #pragma unroll
   for (int t = 0; t < KK; ++t) {
@@ -134,6 +174,17 @@ __device__ __forceinline__ float2 softmax_taps(TapsT& P, const Params<T>& p, con
   return make_float2(mx, inv);
 }
 
+// The weight of logit channel kc at pixel (i, j): rebuilt from the logit and the pixel's softmax
+// statistics, or the weight as given.
+template <typename T, bool CL>
+__device__ __forceinline__ float tap_weight(const Params<T>& p, const Dense4<CL>& ki, int64_t b,
+                                            int64_t kc, int64_t sbase, int i, int j) {
+  const float l = static_cast<float>(p.logits[ki(b, kc, i, j)]);
+  if (!p.softmax) return l;
+  const float2 st = p.stats[sbase + static_cast<int64_t>(i) * p.W + j];
+  return __expf(l - st.x) * st.y;
+}
+
 // kGradInput's weights for pixel q = (i, j): flipped tap tf = KK-1-t reads the tile like the
 // forward does; its weight is the softmax of tap t at the pixel q - off_t whose window covers q,
 // rebuilt from that pixel's logit and statistics (0 where that pixel is outside the image).
@@ -147,8 +198,7 @@ __device__ __forceinline__ void flipped_taps(TapsT& P, const Params<T>& p, const
     const int ii = i - u + r, jj = j - v + r;
     float w = 0.f;
     if (ii >= 0 && ii < p.H && jj >= 0 && jj < p.W) {
-      const float2 st = p.stats[sbase + static_cast<int64_t>(ii) * p.W + jj];
-      w = __expf(static_cast<float>(p.logits[ki(b, kc0 + t, ii, jj)]) - st.x) * st.y;
+      w = tap_weight(p, ki, b, kc0 + t, sbase, ii, jj);
     }
     P[tf] = w;
   }
@@ -168,15 +218,29 @@ __device__ __forceinline__ BlockPlace block_place(const Params<T>& p) {
   return {static_cast<int>(blk % p.tiles), static_cast<int>(bg % p.G), bg / p.G};
 }
 
-// Fills the tiling fields of p for TH x TW tiles and returns the number of blocks (one per tile
-// and (b, g)); raises when the grid would not fit one launch.
+// The group-space tile of tile_id (TH x TW group pixels of one residue group). Without dilation
+// there is one group and this is the image tile.
+template <typename T>
+__device__ __forceinline__ GroupTile group_tile(const Params<T>& p, int tile_id, int TH, int TW) {
+  const int res = tile_id / p.tiles_g, t = tile_id % p.tiles_g;
+  const int mi = res / p.d, mj = res % p.d;
+  return {Axis{mi, p.d, (p.H - mi + p.d - 1) / p.d, p.K, p.clamp},
+          Axis{mj, p.d, (p.W - mj + p.d - 1) / p.d, p.K, p.clamp}, (t / p.tiles_w) * TH,
+          (t % p.tiles_w) * TW};
+}
+
+// Fills the tiling fields of p for TH x TW tiles of each residue group (the groups are at most
+// ceil(H/d) x ceil(W/d)) and returns the number of blocks (one per tile and (b, g)); raises when
+// the grid would not fit one launch.
 template <typename T>
 int64_t set_tiles(Params<T>& p, int TH, int TW) {
-  p.tiles_w = ceil_div(p.W, TW);
-  const int64_t tiles = static_cast<int64_t>(ceil_div(p.H, TH)) * p.tiles_w;
+  p.tiles_w = ceil_div(ceil_div(p.W, p.d), TW);
+  const int64_t tiles_g = static_cast<int64_t>(ceil_div(ceil_div(p.H, p.d), TH)) * p.tiles_w;
+  const int64_t tiles = tiles_g * p.d * p.d;
   const int64_t blocks = p.B * p.G * tiles;
   TORCH_CHECK(tiles <= INT_MAX && blocks <= INT_MAX,
               "sgdc::cuda: the input is too large for one launch (", blocks, " blocks)");
+  p.tiles_g = static_cast<int>(tiles_g);
   p.tiles = static_cast<int>(tiles);
   return blocks;
 }

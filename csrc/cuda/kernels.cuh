@@ -43,10 +43,14 @@ inline Variant parse_variant(const char* name) {
               variant_list());
 }
 
-// Sizes of one call: x is (B, C, H, W), G heads, window K.
+// Sizes and configuration of one call: x is (B, C, H, W), G heads, window K, dilation d, clamped
+// windows or centred ones, softmax over the taps or weights as given (sgdc_conv: 1, false, true).
 struct Shape {
   int64_t B, C;
   int H, W, G, K;
+  int d = 1;
+  bool clamp = false;
+  bool softmax = true;
 };
 
 template <typename T>
@@ -59,11 +63,17 @@ Params<T> make_params(const Shape& s) {
   p.G = s.G;
   p.K = s.K;
   p.Cg = static_cast<int>(s.C / s.G);
+  p.d = s.d;
+  p.clamp = s.clamp;
+  p.softmax = s.softmax;
   return p;
 }
 
+// v1 and v3 compute sgdc_conv's configuration only; v2 runs every configuration (dilated and
+// clamped windows in group space, raw weights), so the others hand those to it.
 template <Mode M, typename T, bool CL>
 void launch(Variant variant, const Params<T>& p, cudaStream_t stream) {
+  if (p.d != 1 || p.clamp || !p.softmax) variant = Variant::kV2;
   switch (variant) {
     case Variant::kV1: return v1::launch_v1<M, T, CL>(p, stream);
     case Variant::kV3: return v3::launch_v3<M, T, CL>(p, stream);

@@ -15,9 +15,10 @@ using namespace cuda_impl;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& kernel,
-    const std::optional<at::Tensor>& gate, int64_t kernel_size, int64_t num_heads) {
+    const std::optional<at::Tensor>& gate, int64_t kernel_size, int64_t num_heads, int64_t dilation,
+    bool clamp, bool softmax) {
   const char* op = "sgdc::cuda_backward";
-  const bool cl = check_inputs(op, x, kernel, gate, kernel_size, num_heads);
+  const bool cl = check_inputs(op, x, kernel, gate, kernel_size, num_heads, dilation, clamp);
   check_operand(op, "grad_out", grad_out, x,
                 cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
@@ -27,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_backward(
   at::Tensor dkernel = at::empty_like(kernel);
   at::Tensor dgate = gate.has_value() ? at::empty_like(*gate) : at::empty({0}, x.options());
   if (x.numel() == 0) return {dx, dkernel, dgate};
-  const Shape shape = shape_of(x, kernel_size, num_heads);
+  const Shape shape = shape_of(x, kernel_size, num_heads, dilation, clamp, softmax);
   const Variant variant = current_variant();
   // Softmax statistics (max, 1/sum) per (b, head, pixel): 8 bytes per pixel and head.
   at::Tensor stats = at::empty({static_cast<int64_t>(backward_workspace_bytes(shape))},

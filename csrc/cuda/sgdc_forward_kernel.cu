@@ -11,15 +11,18 @@ using namespace cuda_impl;
 
 at::Tensor cuda_forward(const at::Tensor& x, const at::Tensor& kernel,
                         const std::optional<at::Tensor>& gate, int64_t kernel_size,
-                        int64_t num_heads) {
-  const bool cl = check_inputs("sgdc::cuda_forward", x, kernel, gate, kernel_size, num_heads);
+                        int64_t num_heads, int64_t dilation, bool clamp, bool softmax) {
+  const bool cl =
+      check_inputs("sgdc::cuda_forward", x, kernel, gate, kernel_size, num_heads, dilation, clamp);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (out.numel() == 0) return out;
   const Variant variant = current_variant();
   dispatch(x.scalar_type(), cl, [&](auto tag, auto layout) {
     using T = decltype(tag);
-    run_forward<T, decltype(layout)::value>(variant, shape_of(x, kernel_size, num_heads), ptr<T>(x),
+    run_forward<T, decltype(layout)::value>(variant,
+                                            shape_of(x, kernel_size, num_heads, dilation, clamp, softmax),
+                                            ptr<T>(x),
                                             ptr<T>(kernel), gate.has_value() ? ptr<T>(*gate) : nullptr,
                                             mut_ptr<T>(out), c10::cuda::getCurrentCUDAStream());
   });

@@ -244,7 +244,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) window_tc(const Params<T> p) {
     fill_halo<kDx, ROWS, CL, NT>(tile, tile_lo, p.src, kDx ? p.gate : nullptr, xi, b, c0, cn, i0 - R, j0, tid);
     if (!kDx && gated)
       v2::fill<v2::Fill::kSigmoid, kCH, CL, NT>(stage, kTP, kWarps, kTW, kTW, p.gate, v2::no_gate<T>,
-                                                xi, b, c0, cn, i0, j0, tid);
+                                                xi, b, c0, cn, plain_axis(p.H, KT), i0,
+                                                plain_axis(p.W, KT), j0, tid);
     __syncthreads();
     float acc[2][4] = {};
 #pragma unroll
@@ -279,7 +280,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1) window_tc(const Params<T> p) {
         *slot = !kDx && gated ? acc[nt][e] * *slot : acc[nt][e];
       }
     __syncthreads();
-    v2::store_tile<kWarps, kTW, CL, NT>(p.out, stage, kCH, xi, b, c0, cn, i0, j0, tid);
+    v2::store_tile<kWarps, kTW, CL, NT>(p.out, stage, kCH, xi, b, c0, cn, plain_axis(p.H, KT), i0,
+                                        plain_axis(p.W, KT), j0, tid);
   }
 }
 

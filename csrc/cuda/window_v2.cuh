@@ -47,13 +47,15 @@ enum class Fill {
   kGatedValue,  // src[off] * sigmoid(gate[off])  (g_y; src[off] when gate is nullptr)
 };
 
-// Copies an (CH x rows x cols) window of channels [c0, c0 + cn) of one (b, head) at image rows
-// i_start.., columns j_start.. into tile[c * cstride + row * pitch + col], zero outside the image
-// and for c >= cn, converted to TileT. Each thread issues up to NB global loads before it stores any.
+// Copies an (CH x rows x cols) window of channels [c0, c0 + cn) of one (b, head) at group rows
+// i_start.., columns j_start.. of the axes ai, aj (image rows and columns without dilation) into
+// tile[c * cstride + row * pitch + col], zero outside the image and for c >= cn, converted to
+// TileT. Each thread issues up to NB global loads before it stores any.
 template <Fill F, int CH, bool CL, int NT, typename T, int NB = kBatch, typename TileT = float>
 __device__ __forceinline__ void fill(TileT* tile, int cstride, int rows, int cols, int pitch,
                                      const T* src, const T* gate, const Dense4<CL>& xi, int64_t b,
-                                     int64_t c0, int cn, int i_start, int j_start, int tid) {
+                                     int64_t c0, int cn, const Axis& ai, int i_start, const Axis& aj,
+                                     int j_start, int tid) {
   const int n = CH * rows * cols;
   for (int base = tid; base < n; base += NT * NB) {
     float v[NB], w[NB];
@@ -62,11 +64,11 @@ __device__ __forceinline__ void fill(TileT* tile, int cstride, int rows, int col
       const int e = base + k * NT;
       const int c = CL ? e % CH : e / (rows * cols);
       const int pix = CL ? e / CH : e % (rows * cols);
-      const int ii = i_start + pix / cols, jj = j_start + pix % cols;
+      const int gi = i_start + pix / cols, gj = j_start + pix % cols;
       v[k] = 0.f;
       w[k] = 0.f;
-      if (e < n && c < cn && ii >= 0 && ii < xi.H && jj >= 0 && jj < xi.W) {
-        const int64_t off = xi(b, c0 + c, ii, jj);
+      if (e < n && c < cn && ai.inside(gi) && aj.inside(gj)) {
+        const int64_t off = xi(b, c0 + c, ai.image(gi), aj.image(gj));
         v[k] = static_cast<float>(src[off]);
         if (F == Fill::kGatedValue && gate != nullptr) w[k] = static_cast<float>(gate[off]);
       }
@@ -86,20 +88,21 @@ __device__ __forceinline__ void fill(TileT* tile, int cstride, int rows, int col
   }
 }
 
-// Writes stage[c * TH*TW + pix] (nch channels) of a TH x TW tile at (i0, j0) to channels
-// c0 + c of out, for c < cn and pixels in the image, in the layout's memory order.
+// Writes stage[c * TH*TW + pix] (nch channels) of a TH x TW tile at group indices (i0, j0) of
+// the axes ai, aj to channels c0 + c of out, for c < cn and pixels in the image, in the layout's
+// memory order.
 template <int TH, int TW, bool CL, int NT, typename T>
 __device__ __forceinline__ void store_tile(GlobalOut<T> out, const float* stage, int nch,
-                                           const Dense4<CL>& xi, int64_t b, int64_t c0, int cn, int i0,
-                                           int j0, int tid) {
+                                           const Dense4<CL>& xi, int64_t b, int64_t c0, int cn,
+                                           const Axis& ai, int i0, const Axis& aj, int j0, int tid) {
   constexpr int TP = TH * TW;
   const int n = nch * TP;
   for (int e = tid; e < n; e += NT) {
     const int c = CL ? e % nch : e / TP;
     const int pix = CL ? e / nch : e % TP;
-    const int ii = i0 + pix / TW, jj = j0 + pix % TW;
-    if (c < cn && ii < xi.H && jj < xi.W)
-      out[xi(b, c0 + c, ii, jj)] = static_cast<T>(stage[c * TP + pix]);
+    const int gi = i0 + pix / TW, gj = j0 + pix % TW;
+    if (c < cn && ai.inside(gi) && aj.inside(gj))
+      out[xi(b, c0 + c, ai.image(gi), aj.image(gj))] = static_cast<T>(stage[c * TP + pix]);
   }
 }
 
@@ -111,7 +114,9 @@ __global__ void __launch_bounds__(TH * TWT, KT > 0 ? kBlocksPerSM : 1) window_v2
   static_assert(KT > 0 || PX == 1, "the generic-K kernel keeps one pixel per thread");
   constexpr int NT = TH * TWT, TW = TWT * PX, TP = TH * TW, CH = chunk<T, CL>();
   const int K = KT > 0 ? KT : p.K;
-  const int KK = K * K, r = K / 2;
+  const int KK = K * K;
+  // Clamped windows start at a nondecreasing, 1-Lipschitz function of the pixel, so TH + K - 1
+  // halo rows cover a tile's windows in every configuration.
   const int rows = TH + K - 1, cols = TW + K - 1, pitch = cols + (cols & 1);  // even: 8-byte rows
   const int NP = rows * pitch;
   float* tile = dynamic_smem<float>();  // [CH][NP]: x (forward) or g_y (dx), with the halo
@@ -119,9 +124,14 @@ __global__ void __launch_bounds__(TH * TWT, KT > 0 ? kBlocksPerSM : 1) window_v2
   float* taps = stage + CH * TP;        // generic K only: [KK][NT]
 
   const auto [tile_id, g, b] = block_place(p);
-  const int i0 = (tile_id / p.tiles_w) * TH, j0 = (tile_id % p.tiles_w) * TW;
+  // Group space (docs/op.md): the image itself unless dilated. The compile-time-K kernels run
+  // only centred windows without dilation (launch_v2), where the window of pixel i starts at
+  // i - r and the tile's halo at i0 - r.
+  const auto [ai, aj, i0, j0] = group_tile(p, tile_id, TH, TW);
   const int tid = threadIdx.x, ti = tid / TWT, tj = tid % TWT;
-  const int i = i0 + ti;
+  const int gi = i0 + ti;
+  const int hs = ai.start(i0), ws = aj.start(j0);  // the halo's first group row and column
+  const int oi = ai.start(gi) - hs, oj = aj.start(j0 + tj * PX) - ws;  // this thread's window
 
   const Dense4<CL> xi{p.C, p.H, p.W};
   const Dense4<CL> ki{static_cast<int64_t>(p.G) * KK, p.H, p.W};
@@ -132,14 +142,14 @@ __global__ void __launch_bounds__(TH * TWT, KT > 0 ? kBlocksPerSM : 1) window_v2
 #pragma unroll
   for (int px = 0; px < PX; ++px) {
     P[px].init(taps + px * KK * NT, tid, NT);
-    const int j = j0 + tj * PX + px;
-    if (i >= p.H || j >= p.W) {
+    const int gj = j0 + tj * PX + px;
+    if (!ai.inside(gi) || !aj.inside(gj)) {
 #pragma unroll
       for (int t = 0; t < KK; ++t) P[px][t] = 0.f;  // no output here; its taps add nothing
     } else if (M == Mode::kForward) {
-      softmax_taps<KT>(P[px], p, ki, b, kc0, K, i, j);
-    } else {
-      flipped_taps<KT>(P[px], p, ki, b, kc0, sbase, K, i, j);
+      softmax_taps<KT>(P[px], p, ki, b, kc0, K, ai.image(gi), aj.image(gj));
+    } else {  // centred windows without dilation only: grad_input_general does the others
+      flipped_taps<KT>(P[px], p, ki, b, kc0, sbase, K, gi, gj);
     }
   }
 
@@ -150,46 +160,68 @@ __global__ void __launch_bounds__(TH * TWT, KT > 0 ? kBlocksPerSM : 1) window_v2
     const int cn = min(CH, p.Cg - ch * CH);
     __syncthreads();  // the previous chunk's tile and stage are consumed
     fill<M == Mode::kForward ? Fill::kValue : Fill::kGatedValue, CH, CL, NT>(
-        tile, NP, rows, cols, pitch, p.src, p.gate, xi, b, c0, cn, i0 - r, j0 - r, tid);
+        tile, NP, rows, cols, pitch, p.src, p.gate, xi, b, c0, cn, ai, hs, aj, ws, tid);
     if (gated)
-      fill<Fill::kSigmoid, CH, CL, NT>(stage, TP, TH, TW, TW, p.gate, no_gate<T>, xi, b, c0, cn, i0,
-                                       j0, tid);
+      fill<Fill::kSigmoid, CH, CL, NT>(stage, TP, TH, TW, TW, p.gate, no_gate<T>, xi, b, c0, cn, ai,
+                                       i0, aj, j0, tid);
     __syncthreads();
-    for (int c = 0; c < cn; ++c) {
-      const float* row0 = tile + c * NP + ti * pitch + tj * PX;
-      float acc[PX];
+    if constexpr (KT == 0) {
+      // Generic K: the weights live in shared memory, so read each once per chunk and feed the
+      // chunk's CH channels from it (taps outer, channels inner: one shared load per FMA instead
+      // of two). Channels c >= cn of the tile are zeros and are not stored.
+      float acc[CH];
 #pragma unroll
-      for (int px = 0; px < PX; ++px) acc[px] = 0.f;
+      for (int c = 0; c < CH; ++c) acc[c] = 0.f;
+      const float* win = tile + oi * pitch + oj;
+      for (int u = 0; u < K; ++u)
+        for (int v = 0; v < K; ++v) {
+          const float w = P[0][u * K + v];
+          const float* src = win + u * pitch + v;
 #pragma unroll
-      for (int u = 0; u < K; ++u) {
-        const float* row = row0 + u * pitch;
-        if constexpr (KT > 0 && PX % 2 == 0) {
-          // PX + K - 1 values (even), read as 8-byte pairs: (tj * PX) and pitch are even.
-          constexpr int NV = PX + KT - 1;
-          float xr[NV];
-#pragma unroll
-          for (int h = 0; h < NV / 2; ++h) {
-            const float2 pair = reinterpret_cast<const float2*>(row)[h];
-            xr[2 * h] = pair.x;
-            xr[2 * h + 1] = pair.y;
-          }
-#pragma unroll
-          for (int v = 0; v < KT; ++v)
-#pragma unroll
-            for (int px = 0; px < PX; ++px) acc[px] = fmaf(P[px][u * KT + v], xr[v + px], acc[px]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < K; ++v)
-#pragma unroll
-            for (int px = 0; px < PX; ++px) acc[px] = fmaf(P[px][u * K + v], row[v + px], acc[px]);
+          for (int c = 0; c < CH; ++c) acc[c] = fmaf(w, src[c * NP], acc[c]);
         }
-      }
-      float* out = stage + c * TP + ti * TW + tj * PX;  // this thread's own slots
 #pragma unroll
-      for (int px = 0; px < PX; ++px) out[px] = gated ? acc[px] * out[px] : acc[px];
+      for (int c = 0; c < CH; ++c) {
+        float* out = stage + c * TP + tid;  // PX = 1: this thread's own slot
+        *out = gated ? acc[c] * *out : acc[c];
+      }
+    } else {
+      for (int c = 0; c < cn; ++c) {
+        const float* row0 = tile + c * NP + oi * pitch + oj;
+        float acc[PX];
+#pragma unroll
+        for (int px = 0; px < PX; ++px) acc[px] = 0.f;
+#pragma unroll
+        for (int u = 0; u < K; ++u) {
+          const float* row = row0 + u * pitch;
+          if constexpr (KT > 0 && PX % 2 == 0) {
+            // PX + K - 1 values (even), read as 8-byte pairs: (tj * PX) and pitch are even.
+            constexpr int NV = PX + KT - 1;
+            float xr[NV];
+#pragma unroll
+            for (int h = 0; h < NV / 2; ++h) {
+              const float2 pair = reinterpret_cast<const float2*>(row)[h];
+              xr[2 * h] = pair.x;
+              xr[2 * h + 1] = pair.y;
+            }
+#pragma unroll
+            for (int v = 0; v < KT; ++v)
+#pragma unroll
+              for (int px = 0; px < PX; ++px) acc[px] = fmaf(P[px][u * KT + v], xr[v + px], acc[px]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < K; ++v)
+#pragma unroll
+              for (int px = 0; px < PX; ++px) acc[px] = fmaf(P[px][u * K + v], row[v + px], acc[px]);
+          }
+        }
+        float* out = stage + c * TP + ti * TW + tj * PX;  // this thread's own slots
+#pragma unroll
+        for (int px = 0; px < PX; ++px) out[px] = gated ? acc[px] * out[px] : acc[px];
+      }
     }
     __syncthreads();
-    store_tile<TH, TW, CL, NT>(p.out, stage, CH, xi, b, c0, cn, i0, j0, tid);
+    store_tile<TH, TW, CL, NT>(p.out, stage, CH, xi, b, c0, cn, ai, i0, aj, j0, tid);
   }
 }
 
@@ -198,7 +230,7 @@ template <int KT, int TH, int TW, typename T, bool CL>
 __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weights_v2(const Params<T> p) {
   constexpr int NT = TH * TW, TP = TH * TW, CH = chunk<T, CL>();
   const int K = KT > 0 ? KT : p.K;
-  const int KK = K * K, r = K / 2;
+  const int KK = K * K;
   const int rows = TH + K - 1, cols = TW + K - 1, NP = rows * cols;
   float* taps = dynamic_smem<float>();  // generic K only: [KK][NT] P, then [KK][NT] dP
   float* tile = taps + (KT > 0 ? 0 : 2 * KK * NT);  // [CH][NP]: x with the halo
@@ -207,10 +239,13 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
   float* dks = tile;                    // after the channel loop: [KK][TP] dkernel
 
   const auto [tile_id, g, b] = block_place(p);
-  const int i0 = (tile_id / p.tiles_w) * TH, j0 = (tile_id % p.tiles_w) * TW;
+  const auto [ai, aj, i0, j0] = group_tile(p, tile_id, TH, TW);  // group space, as window_v2
   const int tid = threadIdx.x, ti = tid / TW, tj = tid % TW;
-  const int i = i0 + ti, j = j0 + tj;
-  const bool active = i < p.H && j < p.W;
+  const int gi = i0 + ti, gj = j0 + tj;
+  const int i = ai.image(gi), j = aj.image(gj);
+  const bool active = ai.inside(gi) && aj.inside(gj);
+  const int hs = ai.start(i0), ws = aj.start(j0);  // the halo's first group row and column
+  const int oi = ai.start(gi) - hs, oj = aj.start(gj) - ws;  // this thread's window
   const bool gated = p.gate != nullptr;
 
   const Dense4<CL> xi{p.C, p.H, p.W};
@@ -234,16 +269,53 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
     __syncthreads();  // the previous chunk's tiles are consumed
     // batches of 4 loads: P and dP hold 2 K*K registers here
     fill<Fill::kValue, CH, CL, NT, T, 4>(tile, NP, rows, cols, cols, p.src, no_gate<T>, xi, b, c0,
-                                         cn, i0 - r, j0 - r, tid);
+                                         cn, ai, hs, aj, ws, tid);
     fill<Fill::kGatedValue, CH, CL, NT, T, 4>(gyt, TP, TH, TW, TW, p.grad_out, p.gate, xi, b, c0,
-                                              cn, i0, j0, tid);
+                                              cn, ai, i0, aj, j0, tid);
     if (gated)
       fill<Fill::kSigmoid, CH, CL, NT, T, 4>(st, TP, TH, TW, TW, p.gate, no_gate<T>, xi, b, c0, cn,
-                                             i0, j0, tid);
+                                             ai, i0, aj, j0, tid);
     __syncthreads();
-    if (active) {
+    if constexpr (KT == 0) {
+      if (active) {
+        // Generic K: P and dP live in shared memory, so read and update each once per chunk and
+        // feed the chunk's CH channels from it (taps outer, channels inner), with g_y and the
+        // ungated sums y in registers; y only with a gate. Channels c >= cn are zeros in the tiles.
+        float gy[CH], y[CH];
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+          gy[c] = gyt[c * TP + tid];
+          y[c] = 0.f;
+        }
+        const float* win = tile + oi * cols + oj;
+        auto sweep = [&](auto with_y) {
+          for (int u = 0; u < K; ++u)
+            for (int v = 0; v < K; ++v) {
+              const int t = u * K + v;
+              const float w = P[t];
+              const float* src = win + u * cols + v;
+              float a = 0.f;
+#pragma unroll
+              for (int c = 0; c < CH; ++c) {
+                const float xv = src[c * NP];
+                if constexpr (decltype(with_y)::value) y[c] = fmaf(w, xv, y[c]);
+                a = fmaf(gy[c], xv, a);
+              }
+              dP[t] += a;
+            }
+        };
+        if (gated) {
+          sweep(std::true_type{});
+#pragma unroll
+          for (int c = 0; c < CH; ++c)
+            if (c < cn) st[c * TP + tid] = gy[c] * y[c] * (1.f - st[c * TP + tid]);  // dout*y*s*(1-s)
+        } else {
+          sweep(std::false_type{});
+        }
+      }
+    } else if (active) {
       for (int c = 0; c < cn; ++c) {
-        const float* tc = tile + c * NP + ti * cols + tj;
+        const float* tc = tile + c * NP + oi * cols + oj;
         const float gy = gyt[c * TP + tid];
         float y = 0.f;
 #pragma unroll
@@ -259,11 +331,11 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
     }
     if (gated) {
       __syncthreads();
-      store_tile<TH, TW, CL, NT>(p.out, st, CH, xi, b, c0, cn, i0, j0, tid);
+      store_tile<TH, TW, CL, NT>(p.out, st, CH, xi, b, c0, cn, ai, i0, aj, j0, tid);
     }
   }
 
-  // dkernel = P (dP - sum_t P dP), staged so that both layouts store whole sectors (in
+  // dkernel = P (dP - sum_t P dP) (dP itself without the softmax), staged so that both layouts store whole sectors (in
   // channels_last a pixel's K*K taps are contiguous, and 49 stores of one thread would each hit
   // another sector of every lane).
   __syncthreads();  // the last chunk's tiles are consumed
@@ -272,10 +344,72 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
 #pragma unroll
     for (int t = 0; t < KK; ++t) pdp = fmaf(P[t], dP[t], pdp);
 #pragma unroll
-    for (int t = 0; t < KK; ++t) dks[t * TP + tid] = P[t] * (dP[t] - pdp);
+    for (int t = 0; t < KK; ++t) dks[t * TP + tid] = p.softmax ? P[t] * (dP[t] - pdp) : dP[t];
   }
   __syncthreads();
-  store_tile<TH, TW, CL, NT>(p.dkernel, dks, KK, ki, b, kc0, KK, i0, j0, tid);
+  store_tile<TH, TW, CL, NT>(p.dkernel, dks, KK, ki, b, kc0, KK, ai, i0, aj, j0, tid);
+}
+
+// dx for dilated or clamped windows (window_v2 computes the centred, undilated one with flipped
+// taps): in group space, pixel q receives from the pixels p in [first_src(q), last_src(q)] along
+// each axis (more than K near a clamped border), tap q - start(p) of each. One pixel per thread
+// of a TH x TW tile; per chunk of channels, the g_y halo covering every such p is staged in shared
+// memory, and each (p, tap) weight, rebuilt from its logit (and softmax statistics), feeds the
+// chunk's CH channels held in registers.
+template <int TH, int TW, typename T, bool CL>
+__global__ void __launch_bounds__(TH * TW) grad_input_general(const Params<T> p) {
+  constexpr int NT = TH * TW, TP = TH * TW, CH = chunk<T, CL>();
+  const int K = p.K, KK = K * K;
+  const int pitch = TW + 2 * (K - 1), NP = (TH + 2 * (K - 1)) * pitch;  // the largest halo
+  float* tile = dynamic_smem<float>();  // [CH][NP]: g_y with the halo
+  float* stage = tile + CH * NP;        // [CH][TP]: the results
+
+  const auto [tile_id, g, b] = block_place(p);
+  const auto [ai, aj, i0, j0] = group_tile(p, tile_id, TH, TW);
+  const int tid = threadIdx.x, gi = i0 + tid / TW, gj = j0 + tid % TW;
+  const bool active = ai.inside(gi) && aj.inside(gj);
+  // The halo: the sources of the tile's first and last pixels bound those of all (both ends are
+  // nondecreasing in q); clipped to the group, where the fill would only store zeros.
+  const int hs = max(ai.first_src(i0), 0), ws = max(aj.first_src(j0), 0);
+  const int he = min(ai.last_src(min(i0 + TH - 1, ai.L - 1)), ai.L - 1);
+  const int we = min(aj.last_src(min(j0 + TW - 1, aj.L - 1)), aj.L - 1);
+  const int rows = max(he - hs + 1, 0), cols = max(we - ws + 1, 0);
+
+  const Dense4<CL> xi{p.C, p.H, p.W};
+  const Dense4<CL> ki{static_cast<int64_t>(p.G) * KK, p.H, p.W};
+  const int64_t kc0 = static_cast<int64_t>(g) * KK;
+  const int64_t sbase = (b * p.G + g) * static_cast<int64_t>(p.H) * p.W;
+  const int pr0 = max(ai.first_src(gi), 0), pr1 = min(ai.last_src(gi), ai.L - 1);
+  const int pc0 = max(aj.first_src(gj), 0), pc1 = min(aj.last_src(gj), aj.L - 1);
+
+  const int nchunks = (p.Cg + CH - 1) / CH;
+  for (int ch = 0; ch < nchunks; ++ch) {
+    const int64_t c0 = static_cast<int64_t>(g) * p.Cg + ch * CH;
+    const int cn = min(CH, p.Cg - ch * CH);
+    __syncthreads();  // the previous chunk's tile and stage are consumed
+    fill<Fill::kGatedValue, CH, CL, NT>(tile, NP, rows, cols, pitch, p.src, p.gate, xi, b, c0, cn,
+                                        ai, hs, aj, ws, tid);
+    __syncthreads();
+    float acc[CH];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) acc[c] = 0.f;
+    if (active) {
+      for (int pr = pr0; pr <= pr1; ++pr) {
+        const int u = gi - ai.start(pr);
+        for (int pc = pc0; pc <= pc1; ++pc) {
+          const int v = gj - aj.start(pc);
+          const float w = tap_weight(p, ki, b, kc0 + u * K + v, sbase, ai.image(pr), aj.image(pc));
+          const float* src = tile + (pr - hs) * pitch + (pc - ws);
+#pragma unroll
+          for (int c = 0; c < CH; ++c) acc[c] = fmaf(w, src[c * NP], acc[c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < CH; ++c) stage[c * TP + tid] = acc[c];
+    __syncthreads();
+    store_tile<TH, TW, CL, NT>(p.out, stage, CH, xi, b, c0, cn, ai, i0, aj, j0, tid);
+  }
 }
 
 template <Mode M, int KT, int TH, int TWT, int PX, typename T, bool CL>
@@ -302,9 +436,25 @@ void launch_grad_weights(Params<T> p, cudaStream_t stream) {
                 stream, p, K);
 }
 
-// Compile-time K (weights in registers) for 3, 5, 7; a generic kernel for the rest.
+template <int TH, int TW, typename T, bool CL>
+void launch_grad_input_general(Params<T> p, cudaStream_t stream) {
+  constexpr int CH = chunk<T, CL>();
+  const int64_t blocks = set_tiles(p, TH, TW);
+  const size_t span = 2 * (static_cast<size_t>(p.K) - 1);
+  const size_t floats = CH * (TH + span) * (TW + span) + CH * TH * TW;
+  launch_kernel(grad_input_general<TH, TW, T, CL>, blocks, TH * TW, floats * sizeof(float), stream,
+                p, p.K);
+}
+
+// Compile-time K (weights in registers) for 3, 5, 7; a generic kernel for the rest and for
+// dilated or clamped windows (in group space), whose dx has its own kernel.
 template <Mode M, typename T, bool CL>
 void launch_v2(const Params<T>& p, cudaStream_t stream) {
+  if (p.d > 1 || p.clamp) {
+    if constexpr (M == Mode::kGradWeights) return launch_grad_weights<0, 4, 16, T, CL>(p, stream);
+    else if constexpr (M == Mode::kGradInput) return launch_grad_input_general<4, 16, T, CL>(p, stream);
+    else return launch_window<M, 0, 4, 16, 1, T, CL>(p, stream);
+  }
   if constexpr (M == Mode::kGradWeights) {
     switch (p.K) {
       case 3: return launch_grad_weights<3, 8, 16, T, CL>(p, stream);

@@ -3,6 +3,7 @@
 //
 //   harness DIR      reads DIR/cases.txt, one case a line:
 //                      id dtype(f32|f16|bf16) layout(nchw|nhwc) B C H W G K gate(0|1) variant
+//                         [dilation clamp(0|1) softmax(0|1)]   (default 1 0 1: sgdc_conv)
 //                    and the inputs DIR/<id>.x, .k, .g (with gate), .dout, raw in memory order;
 //                    writes DIR/<id>.out, .dx, .dk, .dg (with gate).
 //
@@ -147,9 +148,12 @@ int main(int argc, char** argv) {
     if (line.empty()) continue;
     std::istringstream in(line);
     Case c;
-    int gate = 0;
+    int gate = 0, clamp = 0, softmax = 1;
     in >> c.id >> c.dtype >> c.layout >> c.s.B >> c.s.C >> c.s.H >> c.s.W >> c.s.G >> c.s.K >> gate >> c.variant;
+    if (!(in >> c.s.d >> clamp >> softmax)) c.s.d = 1, clamp = 0, softmax = 1;
     c.gate = gate != 0;
+    c.s.clamp = clamp != 0;
+    c.s.softmax = softmax != 0;
     std::printf("start %s\n", c.id.c_str());
     std::fflush(stdout);
     std::string err;
