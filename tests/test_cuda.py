@@ -192,12 +192,29 @@ WINDOW_MODES = [
 @pytest.mark.parametrize("K", [3, 7, 13, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_window_conv_configurations(mode, K, dtype, channels_last, variant):
-    """Dilated and clamped windows and raw weights (every variant runs them with v2's kernels)."""
+def test_window_conv_configurations(mode, K, dtype, channels_last):
+    """Dilated and clamped windows and raw weights, with the default variant (the others hand these
+    configurations to v2: test_variants_hand_configurations_to_v2)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     d = mode["dilation"]
     shape = (2, 24, K * d + 5, K * d + 19, 2, K)
     check_backend("cuda", shape, dtype, "cuda", gate=K % 2 == 1 and channels_last, memory_format=fmt, mode=mode)
+
+
+@requires_gpu
+def test_variants_hand_configurations_to_v2(monkeypatch):
+    x, k, g = _inputs((1, 16, 14, 15, 2, 5), torch.bfloat16, True, True)
+    dout = torch.randn_like(x)
+    config = (5, 2, 1, True, False)
+    results = {}
+    for v in VARIANTS:
+        if v != "default":
+            monkeypatch.setenv("SGDC_CUDA_VARIANT", v)
+        out = torch.ops.sgdc.cuda_forward(x, k, g, *config)
+        results[v] = (out, *torch.ops.sgdc.cuda_backward(dout, x, k, g, *config))
+    first = next(iter(results.values()))
+    for v, got in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, first)), v
 
 
 @requires_gpu
