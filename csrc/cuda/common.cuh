@@ -229,6 +229,18 @@ __device__ __forceinline__ GroupTile group_tile(const Params<T>& p, int tile_id,
           (t % p.tiles_w) * TW};
 }
 
+// group_tile, or for kernels that run only undilated, centred windows (kGroups false) the image
+// tile with plain axes, whose constants the compiler folds into the index arithmetic.
+template <bool kGroups, typename T>
+__device__ __forceinline__ GroupTile block_tile(const Params<T>& p, int tile_id, int TH, int TW) {
+  if constexpr (kGroups) {
+    return group_tile(p, tile_id, TH, TW);
+  } else {
+    return {plain_axis(p.H, p.K), plain_axis(p.W, p.K), (tile_id / p.tiles_w) * TH,
+            (tile_id % p.tiles_w) * TW};
+  }
+}
+
 // Fills the tiling fields of p for TH x TW tiles of each residue group (the groups are at most
 // ceil(H/d) x ceil(W/d)) and returns the number of blocks (one per tile and (b, g)); raises when
 // the grid would not fit one launch.

@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(TH * TWT, KT > 0 ? kBlocksPerSM : 1) window_v2
   // Group space (docs/op.md): the image itself unless dilated. The compile-time-K kernels run
   // only centred windows without dilation (launch_v2), where the window of pixel i starts at
   // i - r and the tile's halo at i0 - r.
-  const auto [ai, aj, i0, j0] = group_tile(p, tile_id, TH, TW);
+  const auto [ai, aj, i0, j0] = block_tile<KT == 0>(p, tile_id, TH, TW);
   const int tid = threadIdx.x, ti = tid / TWT, tj = tid % TWT;
   const int gi = i0 + ti;
   const int hs = ai.start(i0), ws = aj.start(j0);  // the halo's first group row and column
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
   float* dks = tile;                    // after the channel loop: [KK][TP] dkernel
 
   const auto [tile_id, g, b] = block_place(p);
-  const auto [ai, aj, i0, j0] = group_tile(p, tile_id, TH, TW);  // group space, as window_v2
+  const auto [ai, aj, i0, j0] = block_tile<KT == 0>(p, tile_id, TH, TW);  // as window_v2
   const int tid = threadIdx.x, ti = tid / TW, tj = tid % TW;
   const int gi = i0 + ti, gj = j0 + tj;
   const int i = ai.image(gi), j = aj.image(gj);
