@@ -159,7 +159,7 @@ class NA2DCase:
 # of its two na2d_av calls (small and large kernel) takes every head, with half of the channels.
 OVERLOCK_MODELS = {"xt": ((256, 336), (4, 6)), "t": ((256, 512), (4, 8))}
 OVERLOCK_KERNELS = {3: (5, 13), 4: (5, 7)}
-OVERLOCK_INPUT, OVERLOCK_BATCH = 512, 8  # a segmentation input; a batch that fills a GPU a little
+OVERLOCK_INPUT, OVERLOCK_BATCH = 512, 8  # a segmentation input; the batch of the sgdc_conv reference shape
 
 
 def overlock_shapes() -> dict[str, tuple[int, ...]]:
