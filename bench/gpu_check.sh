@@ -16,6 +16,9 @@
 #   6. compute-sanitizer memcheck and racecheck on a small case of every variant (skipped with a
 #      message where the tool or the device is not supported)
 #   7. the benchmark's two other shapes
+#   8. optional, only when at least 60 s of the budget are left (else skipped, not a failure):
+#      NATTEN's na2d_av at OverLoCK's largest call (overlock-t-s3-k13) through cuda, triton and
+#      torch, beside unfold + replicate-pad and its torch.compile; fp32 and bf16
 # then prints a short table of the paper-shape results (bench/summary.py).
 #
 # Wheels of packages the machine lacks, if any, are installed from .whl/ first. For the training
@@ -100,6 +103,14 @@ fi
 # 7. the other shapes, with what time is left
 run bench_shapes 90 $PY bench/run.py --device cuda --shapes 8x256x64x64x4x7,8x64x128x128x4x13 \
   --dtypes float32,bfloat16 --backends cuda@all,triton@all,torch,unfold --no-peer --out "$OUT/bench_shapes.json"
+
+# 8. optional: the na2d_av drop-in at an OverLoCK shape, if the budget allows
+if ((BUDGET - (SECONDS - START) >= 60)); then
+  run bench_overlock 90 $PY bench/run.py --device cuda --shapes overlock-t-s3-k13 --dtypes float32,bfloat16 \
+    --backends cuda,triton,torch,unfold,"torch.compile(unfold)" --out "$OUT/bench_overlock.json"
+else
+  echo "== bench_overlock: skipped, less than 60 s of the budget left (optional, not a failure)" | tee -a "$LOG"
+fi
 
 echo "== total $((SECONDS - START))s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
 $PY bench/summary.py "$OUT/bench_paper.json" 2>&1 | tee -a "$LOG"

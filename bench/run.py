@@ -5,6 +5,7 @@
     python bench/run.py --device cuda --dtypes float32,bfloat16 --out bench/out/h100.json
     python bench/run.py --backends torch,unfold --shapes 2x64x64x64x4x7 --no-memory --threads 1
     python bench/run.py --backends unfold,cuda@all      # every kernel variant of the cuda backend
+    python bench/run.py --shapes overlock               # NATTEN's na2d_av at OverLoCK's shapes
 
 For each case (shape, dtype, backend) it reports the median time of the forward and of
 forward+backward with their spread, the speedup over `unfold`, the peak memory beyond the inputs
@@ -12,6 +13,12 @@ during forward+backward and, on a GPU, the percentage of the memory roofline (do
 with the device-to-device copy bandwidth measured in the same run. On a GPU it also times the
 strongest peer a user has without this package: torch.compile of the shift-and-accumulate
 formulation (row `torch.compile(shift)`).
+
+A shape is BxCxHxWxGxK (an sgdc_conv call) or the name of an na2d_av call of OverLoCK's
+dynamic (ContMix) blocks, e.g. overlock-t-s3-k13 (model overlock_t, stage 3, kernel 13; at a
+512x512 input, batch 8; `overlock` names all of them): those rows time sgdc_kernels.compat.na2d_av,
+NATTEN's layout and clamped windows, through each backend, beside `unfold` (the F.unfold +
+replicate-pad formulation) and, on a GPU, its torch.compile (row `torch.compile(unfold)`).
 
 Times: CUDA events on a GPU, perf_counter on the CPU. Each measurement warms up for --warmup-time
 seconds, then repeats for --time seconds (at least --min-iters times); the table shows the median
@@ -26,6 +33,7 @@ torch.cuda.max_memory_allocated; on the CPU, the peak resident set (VmHWM, reset
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -44,10 +52,13 @@ import torch  # noqa: E402
 
 import sgdc_kernels  # noqa: E402
 from sgdc_kernels import available_backends, registry, sgdc_conv, testing  # noqa: E402
+from sgdc_kernels.compat import na2d_av  # noqa: E402
 from sgdc_kernels.reference import shift_forward  # noqa: E402
 from sgdc_kernels.registry import get_backend, parse_backend  # noqa: E402
 
-PEER = "torch.compile(shift)"
+PEER = "torch.compile(shift)"  # sgdc_conv shapes only
+UNFOLD_PEER = "torch.compile(unfold)"
+PEERS = (PEER, UNFOLD_PEER)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GPU_SHAPES = ["8x256x128x128x4x7", "8x256x64x64x4x7", "8x64x128x128x4x13"]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -60,48 +71,156 @@ SPREAD_WARN = 0.10  # interquartile range over median above which a row is flagg
 # ------------------------------------------------------------------------------------------------
 
 
+class ConvCase:
+    """An sgdc_conv call: x, kernel logits and gate logits of shape BxCxHxWxGxK."""
+
+    op, default_peer = "sgdc_conv", PEER
+
+    def __init__(self, dims: tuple[int, ...]):
+        self.dims, self.label = dims, "x".join(map(str, dims))
+
+    def layouts(self, requested: list[str]) -> list[str]:
+        return requested
+
+    def inputs(self, dtype, device, layout):
+        """Random inputs (never zeros) in the given memory layout, and a gradient for the output."""
+        torch.manual_seed(0)
+        x, kernel, gate = testing.make_inputs(self.dims, dtype, device, memory_format=LAYOUTS[layout], scale=1.0)
+        return (x, kernel, gate), torch.randn_like(x)
+
+    def call(self, backend: str, x, kernel, gate):
+        B, C, H, W, G, K = self.dims
+        return sgdc_conv(x, kernel, gate, kernel_size=K, num_heads=G, backend=backend)
+
+    def shift(self, x, kernel, gate):
+        """The shift-and-accumulate formulation, for torch.compile (the PEER row)."""
+        return shift_forward(x, kernel, gate, self.dims[5], self.dims[4])
+
+    def tiny(self) -> ConvCase:
+        B, C, H, W, G, K = self.dims
+        return ConvCase((1, C, 2, 2, G, K))
+
+    def roofline_bytes(self, dtype) -> tuple[int, int]:
+        """Fewest bytes moved (docs/performance.md): forward, and forward+backward."""
+        B, C, H, W, G, K = self.dims
+        act, taps = B * C * H * W, B * G * K * K * H * W
+        size = torch.empty((), dtype=dtype).element_size()
+        fwd = (3 * act + taps) * size  # read x, kernel, gate; write out
+        bwd = (5 * act + 2 * taps) * size  # read x, kernel, gate, dout; write dx, dkernel, dgate
+        return fwd, fwd + bwd
+
+
+class NA2DCase:
+    """An na2d_av call in NATTEN's layout: attn (B, heads, H, W, K*K), softmaxed as a model passes
+    it, and value (B, heads, H, W, D); dims = (B, heads, H, W, D, K)."""
+
+    op, default_peer = "na2d_av", UNFOLD_PEER
+
+    def __init__(self, label: str, dims: tuple[int, ...]):
+        self.label, self.dims = label, dims
+
+    def layouts(self, requested: list[str]) -> list[str]:
+        return ["natten"]
+
+    def inputs(self, dtype, device, layout="natten"):
+        B, G, H, W, D, K = self.dims
+        torch.manual_seed(0)
+        attn = torch.randn(B, G, H, W, K * K, device=device).softmax(dim=-1).to(dtype)
+        value = torch.randn(B, G, H, W, D, device=device).to(dtype)
+        return (attn, value), torch.randn_like(value)
+
+    def call(self, backend: str, attn, value):
+        return na2d_av(attn, value, self.dims[5], backend=backend)
+
+    def tiny(self) -> NA2DCase:
+        B, G, H, W, D, K = self.dims
+        return NA2DCase(self.label, (1, G, K, K, D, K))
+
+    def describe(self) -> str:
+        B, G, H, W, D, K = self.dims
+        same = [n for n, dims in OVERLOCK_SHAPES.items() if dims == self.dims and n != self.label]
+        also = f" (the same call as {', '.join(same)})" if same else ""
+        return (f"{self.label}: na2d_av, attn ({B}, {G}, {H}, {W}, {K * K}), value ({B}, {G}, {H}, {W}, {D}), "
+                f"kernel_size {K}{also}")  # fmt: skip
+
+    def roofline_bytes(self, dtype) -> tuple[int, int]:
+        """Fewest bytes moved: forward, and forward+backward."""
+        B, G, H, W, D, K = self.dims
+        pixels = B * G * H * W
+        size = torch.empty((), dtype=dtype).element_size()
+        fwd = (K * K + 2 * D) * pixels * size  # read attn, value; write out
+        bwd = (2 * K * K + 3 * D) * pixels * size  # read attn, value, dout; write dattn, dvalue
+        return fwd, fwd + bwd
+
+
+# The na2d_av calls of OverLoCK's dynamic (ContMix) blocks, from the OverLoCK code: per model, the
+# embedding widths and sub_num_heads of stages 3 and 4, which run at 1/16 and 1/32 of the input
+# with a large kernel of 13 and 7 and a small kernel of 5. A block has 2*sub_num_heads heads; each
+# of its two na2d_av calls (small and large kernel) takes every head, with half of the channels.
+OVERLOCK_MODELS = {"xt": ((256, 336), (4, 6)), "t": ((256, 512), (4, 8))}
+OVERLOCK_KERNELS = {3: (5, 13), 4: (5, 7)}
+OVERLOCK_INPUT, OVERLOCK_BATCH = 512, 8  # a segmentation input; the batch of the sgdc_conv reference shape
+
+
+def overlock_shapes() -> dict[str, tuple[int, ...]]:
+    """``overlock-<model>-s<stage>-k<K>`` -> (B, heads, H, W, D, K) of its na2d_av call."""
+    shapes = {}
+    for model, (widths, sub_heads) in OVERLOCK_MODELS.items():
+        for stage, dim, sub in zip((3, 4), widths, sub_heads):
+            heads, side = 2 * sub, OVERLOCK_INPUT // 2 ** (stage + 1)
+            for K in OVERLOCK_KERNELS[stage]:
+                shapes[f"overlock-{model}-s{stage}-k{K}"] = (OVERLOCK_BATCH, heads, side, side, dim // (2 * heads), K)
+    return shapes
+
+
+OVERLOCK_SHAPES = overlock_shapes()
+
+
+def parse_shapes(text: str) -> list:
+    """The cases of a --shapes list: BxCxHxWxGxK, OverLoCK names, or `overlock` for every distinct
+    OverLoCK call (models sharing a call are timed once, under the first name)."""
+    cases = []
+    for item in text.split(","):
+        if item == "overlock":
+            first = {}
+            for name, dims in OVERLOCK_SHAPES.items():
+                first.setdefault(dims, name)
+            cases += [NA2DCase(name, dims) for dims, name in first.items()]
+        elif item in OVERLOCK_SHAPES:
+            cases.append(NA2DCase(item, OVERLOCK_SHAPES[item]))
+        else:
+            cases.append(ConvCase(parse_shape(item)))
+    return cases
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    parts = tuple(int(p) for p in text.lower().split("x"))
-    if len(parts) != 6:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: expected BxCxHxWxGxK, e.g. 8x256x128x128x4x7")
-    return parts
-
-
-def make_inputs(shape, dtype, device, layout="nchw", requires_grad=False):
-    """Random inputs (never zeros) and a gradient, in the given memory layout."""
-    torch.manual_seed(0)
-    fmt = LAYOUTS[layout]
-    x, kernel, gate = testing.make_inputs(shape, dtype, device, memory_format=fmt, scale=1.0)
-    grad_out = torch.randn_like(x)
-    for t in (x, kernel, gate):
-        t.requires_grad_(requires_grad)
-    return x, kernel, gate, grad_out
+    parts = text.lower().split("x")
+    if len(parts) != 6 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"shape {text!r}: expected BxCxHxWxGxK, e.g. 8x256x128x128x4x7, 'overlock' or one of "
+            + ", ".join(OVERLOCK_SHAPES)
+        )
+    return tuple(int(p) for p in parts)
 
 
 _COMPILED = {}
 
 
-def make_fn(backend: str, shape):
-    """A callable (x, kernel, gate) -> out for a backend name (a variant suffix is dropped: the
-    variant is selected through the environment, see :func:`variant_env`) or the compiled peer."""
-    K, G = shape[5], shape[4]
+def make_fn(backend: str, case):
+    """A callable (*inputs) -> out for a backend name (a variant suffix is dropped: the variant is
+    selected through the environment, see :func:`variant_env`) or a compiled peer."""
     backend = backend.partition("@")[0]
-    if backend == PEER:
-        if "fn" not in _COMPILED:
-            _COMPILED["fn"] = torch.compile(shift_forward, dynamic=False)
-        compiled = _COMPILED["fn"]
-        return lambda x, k, g: compiled(x, k, g, K, G)
-    return lambda x, k, g: sgdc_conv(x, k, g, kernel_size=K, num_heads=G, backend=backend)
-
-
-def roofline_bytes(shape, dtype) -> tuple[int, int]:
-    """Fewest bytes moved (docs/performance.md): forward, and forward+backward."""
-    B, C, H, W, G, K = shape
-    act, taps = B * C * H * W, B * G * K * K * H * W
-    size = torch.empty((), dtype=dtype).element_size()
-    fwd = (3 * act + taps) * size
-    bwd = (5 * act + 2 * taps) * size
-    return fwd, fwd + bwd
+    if backend == PEER and not hasattr(case, "shift"):
+        raise ValueError(f"{PEER} times sgdc_conv shapes only")
+    if backend in PEERS:
+        # one compiled callable per peer and case; torch.compile keeps its graphs per code object
+        # (shared by the cases), so main() resets dynamo between cases to stay under its recompile limit
+        key = (backend, case.label)
+        if key not in _COMPILED:
+            fn = case.shift if backend == PEER else functools.partial(case.call, "unfold")
+            _COMPILED[key] = torch.compile(fn, dynamic=False)
+        return _COMPILED[key]
+    return functools.partial(case.call, backend)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +296,7 @@ class variant_env:
     environment variable, and restore the variable afterwards. A plain name changes nothing."""
 
     def __init__(self, spec: str):
-        name, variant = parse_backend(spec) if spec != PEER else (spec, None)
+        name, variant = parse_backend(spec) if spec not in PEERS else (spec, None)
         self.var = get_backend(name).variant_env if variant else None
         self.value = variant
 
@@ -195,19 +314,18 @@ class variant_env:
                 os.environ[self.var] = self.saved
 
 
-def time_case(backend, shape, dtype, layout, device, timing: Timing, memory: bool) -> dict:
-    fn = make_fn(backend, shape)
-    x, kernel, gate, grad_out = make_inputs(shape, dtype, device, layout)
+def time_case(backend, case, dtype, layout, device, timing: Timing, memory: bool) -> dict:
+    fn = make_fn(backend, case)
+    inputs, grad_out = case.inputs(dtype, device, layout)
 
     def forward():
         with torch.no_grad():
-            fn(x, kernel, gate)
+            fn(*inputs)
 
-    xg, kg, gg = (t.detach().requires_grad_() for t in (x, kernel, gate))
+    leaves = [t.detach().requires_grad_() for t in inputs]
 
     def forward_backward():
-        out = fn(xg, kg, gg)
-        torch.autograd.grad(out, (xg, kg, gg), grad_out)
+        torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
     row = {}
     with variant_env(backend):
@@ -245,32 +363,43 @@ def reset_peak_rss() -> int:
     return read_proc_status("VmRSS")
 
 
-def measure_cpu_memory_child(backend, shape, dtype_name, layout) -> None:
+def measure_cpu_memory_child(backend, case, dtype_name, layout) -> None:
     """Run in a subprocess: prints the peak resident bytes of one forward+backward beyond the inputs."""
     with variant_env(backend):
-        _measure_cpu_memory(backend, shape, dtype_name, layout)
+        _measure_cpu_memory(backend, case, dtype_name, layout)
 
 
-def _measure_cpu_memory(backend, shape, dtype_name, layout) -> None:
+def _forward_backward_once(backend, case, dtype, layout):
+    """Inputs, then a function that runs one forward+backward on them."""
+    inputs, grad_out = case.inputs(dtype, "cpu", layout)
+    leaves = [t.requires_grad_() for t in inputs]
+    fn = make_fn(backend, case)
+    return lambda: torch.autograd.grad(fn(*leaves), leaves, grad_out)
+
+
+def _measure_cpu_memory(backend, case, dtype_name, layout) -> None:
     dtype = DTYPES[dtype_name]
-    fn = make_fn(backend, shape)
-    x, kernel, gate, grad_out = make_inputs(shape, dtype, "cpu", layout, requires_grad=True)
+    step = _forward_backward_once(backend, case, dtype, layout)
     # warm-up on a tiny case: loads the backend (and compiles) without touching the big arrays
-    small = (1, shape[1], 2, 2, shape[4], shape[5])
-    xs, ks, gs, gos = make_inputs(small, dtype, "cpu", layout, requires_grad=True)
-    torch.autograd.grad(make_fn(backend, small)(xs, ks, gs), (xs, ks, gs), gos)
+    _forward_backward_once(backend, case.tiny(), dtype, layout)()
     base = reset_peak_rss()
-    out = fn(x, kernel, gate)
-    grads = torch.autograd.grad(out, (x, kernel, gate), grad_out)
-    del out, grads
+    step()
     print(json.dumps({"peak_extra_mb": (read_proc_status("VmHWM") - base) / 2**20}))
 
 
-def cpu_peak_memory(backend, shape, dtype_name, layout) -> float | None:
+def cpu_peak_memory(backend, case, dtype_name, layout) -> float | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # large blocks go back to the OS on free
-    case = [backend, "x".join(map(str, shape)), dtype_name, layout]
     threads = ["--threads", str(torch.get_num_threads())]
-    cmd = [sys.executable, os.path.abspath(__file__), *threads, "--_memory-child", *case]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        *threads,
+        "--_memory-child",
+        backend,
+        case.label,
+        dtype_name,
+        layout,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         print(f"  memory measurement of {backend} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -289,7 +418,11 @@ class Table:
 
     def __init__(self, cases, backends, device: str):
         self.columns = [  # (header, width, row -> text)
-            ("shape BxCxHxWxGxK", max(len("x".join(map(str, c[0]))) for c in cases), lambda r: r["shape"]),
+            (
+                "shape BxCxHxWxGxK" if all(c[0].op == "sgdc_conv" for c in cases) else "shape",
+                max(len(c[0].label) for c in cases),
+                lambda r: r["shape"],
+            ),
             ("dtype", max(len(c[1]) for c in cases), lambda r: r["dtype"]),
             ("layout", max(len(c[2]) for c in cases), lambda r: r["layout"]),
             ("backend", max(len(b) for b in backends), lambda r: r["backend"]),
@@ -333,7 +466,7 @@ def check_backends(text: str, device: str, gpu: bool) -> list[str]:
     on_device = [b for b in available_backends(device) if not (b == "triton" and not gpu)]
     specs = []
     for spec in text.split(","):
-        if spec == PEER:
+        if spec in PEERS:
             specs.append(spec)
             continue
         name = spec.partition("@")[0]
@@ -356,13 +489,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--backends", help="comma-separated backends, each optionally name@variant or name@all "
                         f"(default: all available, plus the compiled peer on GPU); '{PEER}' names the compiled "
-                        "shift-and-accumulate peer")  # fmt: skip
+                        f"shift-and-accumulate peer (sgdc_conv shapes only), '{UNFOLD_PEER}' the compiled unfold "
+                        "formulation")  # fmt: skip
     parser.add_argument(
         "--dtypes",
         help="comma-separated: float32,float16,bfloat16,float64 (default GPU: float32,bfloat16; CPU: float32)",
     )
-    parser.add_argument("--shapes", help="comma-separated BxCxHxWxGxK (default depends on the device)")
-    parser.add_argument("--layouts", default="nchw", help="comma-separated: nchw,channels_last (default nchw)")
+    parser.add_argument("--shapes", help="comma-separated BxCxHxWxGxK of sgdc_conv, or names of OverLoCK's na2d_av "
+                        f"calls: {', '.join(OVERLOCK_SHAPES)}, or 'overlock' for all of them "
+                        "(default depends on the device)")  # fmt: skip
+    parser.add_argument(
+        "--layouts",
+        default="nchw",
+        help="comma-separated: nchw,channels_last (default nchw); OverLoCK's shapes use NATTEN's layout",
+    )
     parser.add_argument(
         "--warmup-time", type=float, default=None, help="seconds of warm-up per measurement (default GPU 0.2, CPU 0.5)"
     )
@@ -376,7 +516,9 @@ def main(argv=None) -> int:
         "--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads; default: torch's)"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
-    parser.add_argument("--no-peer", action="store_true", help=f"skip the {PEER} peer")
+    parser.add_argument("--no-peer", action="store_true",
+                        help=f"skip the compiled peer of the default backends ({PEER} for sgdc_conv shapes, "
+                        f"{UNFOLD_PEER} for OverLoCK's)")  # fmt: skip
     parser.add_argument(
         "--out", default="bench/out/results.json", help="JSON output path (default bench/out/results.json)"
     )
@@ -394,7 +536,7 @@ def main(argv=None) -> int:
 
     if args._memory_child:
         backend, shape, dtype_name, layout = args._memory_child
-        measure_cpu_memory_child(backend, parse_shape(shape), dtype_name, layout)
+        measure_cpu_memory_child(backend, parse_shapes(shape)[0], dtype_name, layout)
         return 0
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -407,10 +549,8 @@ def main(argv=None) -> int:
         args.min_iters or (20 if gpu else 5),
     )
     try:
-        shapes = [
-            parse_shape(s) for s in (args.shapes.split(",") if args.shapes else (GPU_SHAPES if gpu else CPU_SHAPES))
-        ]
-    except (ValueError, argparse.ArgumentTypeError) as exc:
+        shapes = parse_shapes(args.shapes or ",".join(GPU_SHAPES if gpu else CPU_SHAPES))
+    except argparse.ArgumentTypeError as exc:
         parser.error(f"--shapes: {exc}")
     dtype_names = args.dtypes.split(",") if args.dtypes else (["float32", "bfloat16"] if gpu else ["float32"])
     for name in dtype_names:
@@ -427,7 +567,8 @@ def main(argv=None) -> int:
             parser.error(f"--backends: {exc}")
     else:
         on_device = [b for b in available_backends(device) if not (b == "triton" and not gpu)]
-        backends = on_device + ([PEER] if gpu and not args.no_peer else [])
+        peers = [] if args.no_peer or not gpu else list(dict.fromkeys(c.default_peer for c in shapes))
+        backends = on_device + peers
     if "unfold" in backends:  # the baseline first
         backends = ["unfold"] + [b for b in backends if b != "unfold"]
 
@@ -451,21 +592,28 @@ def main(argv=None) -> int:
         header += f", copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s"
     print(header, flush=True)
 
+    for case in shapes:
+        if case.op == "na2d_av":
+            print(f"# {case.describe()}")
     rows = []
-    cases = [(shape, d, layout) for shape in shapes for d in dtype_names for layout in layouts]
+    cases = [(case, d, layout) for case in shapes for d in dtype_names for layout in case.layouts(layouts)]
     table = Table(cases, backends, device)
     print(table.header(), flush=True)
-    for shape, dtype_name, layout in cases:
+    for case, dtype_name, layout in cases:
         dtype = DTYPES[dtype_name]
         base = None
-        for backend in backends:
-            row = {"shape": "x".join(map(str, shape)), "dtype": dtype_name, "layout": layout, "backend": backend}
+        # a compiled peer chosen by default runs for the cases it is the peer of; named ones for all
+        case_backends = [b for b in backends if args.backends or b not in PEERS or b == case.default_peer]
+        if any(b in PEERS for b in case_backends):
+            torch._dynamo.reset()  # fresh compile caches: one compile per case, never the recompile limit
+        for backend in case_backends:
+            row = {"shape": case.label, "op": case.op, "dtype": dtype_name, "layout": layout, "backend": backend}
             if "@" in backend:
                 row["variant"] = backend.partition("@")[2]
             try:
-                row.update(time_case(backend, shape, dtype, layout, device, timing, not args.no_memory))
+                row.update(time_case(backend, case, dtype, layout, device, timing, not args.no_memory))
                 if not gpu and not args.no_memory:
-                    row["peak_extra_mb"] = cpu_peak_memory(backend, shape, dtype_name, layout)
+                    row["peak_extra_mb"] = cpu_peak_memory(backend, case, dtype_name, layout)
             except (RuntimeError, TypeError, ValueError) as exc:  # OOM, unsupported dtype, ...
                 row["error"] = str(exc).splitlines()[0][:120]
                 if gpu:
@@ -476,7 +624,7 @@ def main(argv=None) -> int:
                 row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]
                 row["fwdbwd_speedup"] = base["fwdbwd_ms"] / row["fwdbwd_ms"]
             if gpu and "error" not in row:
-                fwd_bytes, fwdbwd_bytes = roofline_bytes(shape, dtype)
+                fwd_bytes, fwdbwd_bytes = case.roofline_bytes(dtype)
                 bw = meta["copy_bandwidth_GBps"] * 1e9
                 row["fwd_roofline_ms"] = fwd_bytes / bw * 1e3
                 row["fwdbwd_roofline_ms"] = fwdbwd_bytes / bw * 1e3

@@ -116,3 +116,58 @@ def test_a_bad_backend_from_the_command_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "run.py: error: --backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# OverLoCK's na2d_av calls
+# ------------------------------------------------------------------------------------------------
+
+
+def test_overlock_shapes_follow_the_models(bench):
+    # (B, heads, H, W, head_dim, K) at a 512x512 input: stage 3 at 1/16, stage 4 at 1/32, each block
+    # with 2*sub_num_heads heads and half of its width per na2d_av call
+    assert bench.OVERLOCK_SHAPES["overlock-t-s3-k13"] == (8, 8, 32, 32, 16, 13)  # 256 wide, sub_num_heads 4
+    assert bench.OVERLOCK_SHAPES["overlock-t-s4-k7"] == (8, 16, 16, 16, 16, 7)  # 512 wide, sub_num_heads 8
+    assert bench.OVERLOCK_SHAPES["overlock-xt-s4-k5"] == (8, 12, 16, 16, 14, 5)  # 336 wide, sub_num_heads 6
+    cases = bench.parse_shapes("overlock")
+    assert len(cases) == len({c.dims for c in cases}) == 6  # xt and t share stage 3
+    assert "the same call as overlock-t-s3-k13" in cases[1].describe()
+    fwd, fwdbwd = bench.NA2DCase("x", (8, 8, 32, 32, 16, 13)).roofline_bytes(torch.bfloat16)
+    pixels = 8 * 8 * 32 * 32
+    assert fwd == (169 + 2 * 16) * pixels * 2  # attn and value read, out written
+    assert fwdbwd - fwd == (2 * 169 + 3 * 16) * pixels * 2  # attn, value, dout read; dattn, dvalue written
+
+
+def test_overlock_rows_time_na2d_av_against_unfold(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    fast = ["--warmup-time", "0", "--time", "0", "--min-iters", "2"]
+    args = ["--device", "cpu", "--shapes", "overlock-xt-s4-k5", "--backends", "torch,unfold", *fast]
+    assert bench.main([*args, "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "# overlock-xt-s4-k5: na2d_av, attn (8, 12, 16, 16, 25), value (8, 12, 16, 16, 14)" in stdout
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["unfold", "torch"]
+    for r in rows.values():
+        assert (r["shape"], r["op"], r["layout"]) == ("overlock-xt-s4-k5", "na2d_av", "natten")
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_extra_mb"] is not None
+    assert rows["unfold"]["fwdbwd_speedup"] == 1.0 and rows["torch"]["fwdbwd_speedup"] > 0
+
+
+def test_the_compiled_unfold_peer_runs_for_na2d_av(bench, tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.OVERLOCK_SHAPES, "overlock-tiny", (1, 2, 5, 6, 3, 3))
+    # the later --shapes replaces _run's
+    data = _run(
+        bench, tmp_path, "--shapes", "overlock-tiny", "--backends", "unfold,torch.compile(unfold),torch.compile(shift)"
+    )
+    rows = {r["backend"]: r for r in data["results"]}
+    assert rows["torch.compile(unfold)"]["fwdbwd_ms"] > 0 and "error" not in rows["torch.compile(unfold)"]
+    assert rows["torch.compile(shift)"]["error"] == "torch.compile(shift) times sgdc_conv shapes only"
+
+
+def test_a_bad_shape_is_one_line(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu", "--shapes", "overlock-q", "--out", str(tmp_path / "x.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--shapes: shape 'overlock-q': expected BxCxHxWxGxK, e.g. 8x256x128x128x4x7, 'overlock' or one of" in err
+    assert "overlock-t-s3-k13" in err

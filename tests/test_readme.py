@@ -13,6 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the small run of the benchmark: the same script and defaults, one tiny shape, no timing budget
 BENCH_SMALL = ["--shapes", "1x8x9x7x2x3", "--warmup-time", "0", "--time", "0", "--min-iters", "2", "--no-memory"]
+EXAMPLE_SMALL = {"examples/contmix_block.py": ["--size", "16", "--repeats", "1"]}
 SKIPPED = {
     "pip": "CI runs the quick start's install itself (.ci/run), in a fresh environment",
     "pytest": "this is the test suite",
@@ -67,6 +68,10 @@ def test_readme_command_from_the_repository_root(command, tmp_path):
         proc = _run(args + BENCH_SMALL + ["--out", str(tmp_path / "bench.json")])
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "x unfold" in proc.stdout and (tmp_path / "bench.json").exists()
+    elif args[1].startswith("examples/"):
+        # as written, on a smaller problem (tests/test_examples.py checks what it prints)
+        proc = _run(args + EXAMPLE_SMALL.get(args[1], []))
+        assert proc.returncode == 0, proc.stderr[-2000:]
     elif args[1] == "-m":
         # an application entry point (paths in its arguments are placeholders): it must import and
         # parse its arguments from the root
