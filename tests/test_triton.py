@@ -181,12 +181,14 @@ def test_interpreter_16_bit(variant, dtype, layout):
 def test_interpreter_configurations(variant, all_dtypes, mode, dtype):
     # K = 3 on the smallest clamped image plus a ragged margin (windows pinned at both borders
     # and free inside), two heads; the layout alternates so that each configuration meets both
-    # across the two dtypes, and every other configuration runs without a gate.
+    # across the two dtypes, and each (border, weights) pair runs with a gate at one dilation and
+    # without at the other.
     skip_if_same_kernels(variant, dtype)
     k = MODES.index(mode)
     n = 3 * mode["dilation"]
     layout = list(LAYOUTS)[(k + (dtype == torch.bfloat16)) % 2]
-    check_backend("triton", (1, 4, n + 2, n + 3, 2, 3), dtype, mode=mode, memory_format=LAYOUTS[layout], gate=k % 4 < 2)
+    gate = (k + k // 4) % 2 == 0
+    check_backend("triton", (1, 4, n + 2, n + 3, 2, 3), dtype, mode=mode, memory_format=LAYOUTS[layout], gate=gate)
 
 
 K17_CASES = [

@@ -706,13 +706,14 @@ def _uses_band(x: Tensor) -> bool:
 
 
 def _autotuned(kernel):
-    """``kernel`` autotuned over a few (BLOCK_P, BLOCK_C, num_warps), keyed on the shape; every
-    kernel here is idempotent (it only overwrites its outputs), so benchmarking runs are harmless."""
+    """``kernel`` autotuned over a few (BLOCK_P, BLOCK_C, num_warps), keyed on the shape and the
+    configuration; every kernel here is idempotent (it only overwrites its outputs), so
+    benchmarking runs are harmless."""
     configs = [
         triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
         for p, c, w in [(128, 32, 4), (256, 16, 4), (64, 64, 4), (256, 32, 8), (128, 64, 8), (512, 16, 8)]
     ]
-    return triton.autotune(configs, key=["H", "W", "CG", "sxp"])(kernel)
+    return triton.autotune(configs, key=["H", "W", "CG", "sxp", "K", "D", "CLAMP", "SOFTMAX"])(kernel)
 
 
 if AUTOTUNE:
