@@ -14,8 +14,8 @@ an axis, the pixels m + D*g of residue m form an undilated axis of length L = ce
 which g's window starts at min(max(g - R, 0), L - K)); weights as logits with the softmax inside,
 or used as given (then no log-sum-exp is computed or stored, and dkernel is dP). With the
 defaults, the v1 kernels and the band forward compile to the same SASS as before these switches
-existed, the band backward kernels to the same loops (bench/NOTES_triton.md). Every variant runs
-every configuration with its own kernels; none is routed elsewhere.
+existed, the band backward kernels to loops of the same length or shorter (bench/NOTES_triton.md).
+Every variant runs every configuration with its own kernels; none is routed elsewhere.
 
 Variants (:data:`VARIANTS`, the first is the default; :func:`kernel_family` maps a variant and a
 dtype to the kernels it runs):
