@@ -1,12 +1,16 @@
-"""The `triton` backend (triton_ops/) against the float64 unfold oracle, for every kernel variant.
+"""The `triton` backend (triton_ops/) against the float64 unfold oracle, for every kernel variant
+and every configuration of window_conv (dilation 1 and 2, zero or clamped borders, softmax or raw
+weights).
 
 Without a GPU, conftest.py sets TRITON_INTERPRET=1 and these tests run the very same kernels on CPU
 tensors through Triton's interpreter (slow, so the shapes are tiny). With a GPU they run on CUDA
-tensors in float32, float16 and bfloat16, plus K up to 13, torch.compile and opcheck. Each test
+tensors in float32, float16 and bfloat16, plus K up to 17, torch.compile and opcheck. Each test
 that runs kernels does so for every variant of SGDC_TRITON_VARIANT whose kernels differ for its
 dtype (a variant that runs the same kernels as an earlier one is skipped, saying so).
 """
 
+import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -15,13 +19,16 @@ import sys
 import pytest
 import torch
 
-from sgdc_kernels import available_backends, get_backend, sgdc_conv
+from sgdc_kernels import available_backends, get_backend, registry, sgdc_conv, window_conv
+from sgdc_kernels.backends import FLOATING_GPU
 from sgdc_kernels.testing import TOLERANCES as TOL
 from sgdc_kernels.testing import (
     assert_close,
     backend_fn,
+    check_backend,
     check_tensors,
     make_inputs,
+    mode_args,
     oracle,
 )
 from sgdc_kernels.testing import forward_backward as run
@@ -68,6 +75,26 @@ def skip_if_same_kernels(variant, dtype):
     first = next(v for v in VARIANTS if impl.kernel_family(v, dtype) == family)
     if first != variant:
         pytest.skip(f"{variant} runs the same {family} kernels as {first} for {dtype}")
+
+
+# window_conv's configurations: dilation x border x normalization (sgdc_conv's is the first)
+MODES = [
+    dict(dilation=d, border=b, normalize=n)
+    for d, b, n in itertools.product((1, 2), ("zero", "clamp"), ("softmax", None))
+]
+CLAMPED = dict(dilation=2, border="clamp", normalize=None)  # every switch away from sgdc_conv's
+
+
+def _mode_id(mode):
+    return f"d{mode['dilation']}-{mode['border']}-{mode['normalize'] or 'raw'}"
+
+
+@pytest.fixture
+def all_dtypes(monkeypatch):
+    """Backend 'triton' declaring the GPU dtypes under the interpreter too, for one test: the
+    operators run 16-bit CPU tensors (the backend declares float32 only there, so that nothing
+    else picks it for them), and check_backend goes through window_conv."""
+    monkeypatch.setitem(registry._LOADED, "triton", dataclasses.replace(get_backend("triton"), dtypes=FLOATING_GPU))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +145,17 @@ def test_interpreter_several_tiles_and_channel_blocks(variant, monkeypatch, layo
 
 
 @requires_interpreter
+def test_interpreter_several_segments_per_residue_class(variant, monkeypatch):
+    # Dilation 2 and clamped windows across blocks: v1 in pixel tiles of 16, the band kernels
+    # with two row segments (the second partial) in each of the two residue classes of columns.
+    skip_if_same_kernels(variant, torch.float32)
+    monkeypatch.setitem(impl.INTERPRET_BLOCKS, "BLOCK_P", 16)
+    band = impl.kernel_family(variant, torch.float32) == "band"
+    shape = (1, 2, 6, 35, 1, 3) if band else (1, 4, 7, 6, 2, 3)
+    check_backend("triton", shape, mode=dict(dilation=2, border="clamp"), memory_format=torch.channels_last)
+
+
+@requires_interpreter
 @pytest.mark.parametrize(
     "dtype,layout", [(torch.bfloat16, "channels_last"), (torch.float16, "nchw")], ids=["bf16", "fp16"]
 )
@@ -135,6 +173,42 @@ def test_interpreter_16_bit(variant, dtype, layout):
     for name, got, want in zip(("out", "d_x", "d_kernel", "d_gate"), (out, *grads), (ref_out, *ref_grads)):
         assert got.dtype == dtype, name
         assert_close(got, want, dtype, name)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("mode", MODES, ids=_mode_id)
+def test_interpreter_configurations(variant, all_dtypes, mode, dtype):
+    # K = 3 on the smallest clamped image plus a ragged margin (windows pinned at both borders
+    # and free inside), two heads; the layout alternates so that each configuration meets both
+    # across the two dtypes, and each (border, weights) pair runs with a gate at one dilation and
+    # without at the other.
+    skip_if_same_kernels(variant, dtype)
+    k = MODES.index(mode)
+    n = 3 * mode["dilation"]
+    layout = list(LAYOUTS)[(k + (dtype == torch.bfloat16)) % 2]
+    gate = (k + k // 4) % 2 == 0
+    check_backend("triton", (1, 4, n + 2, n + 3, 2, 3), dtype, mode=mode, memory_format=LAYOUTS[layout], gate=gate)
+
+
+K17_CASES = [
+    # (B, C, H, W, G, K), mode, gate, layout
+    ((1, 2, 17, 18, 1, 17), dict(border="clamp", normalize=None), False, "channels_last"),  # OverLoCK's
+    ((1, 2, 5, 18, 1, 17), dict(dilation=2), True, "nchw"),  # most taps outside the image
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize(
+    "case", K17_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + _mode_id({**MODES[0], **c[1]})
+)
+def test_interpreter_kernel_size_17(variant, monkeypatch, case):
+    # The largest K OverLoCK uses: the band kernels' halo is exactly 2R + BW wide forward and
+    # wider for dx with clamped windows; one v1 pixel tile (fewer interpreted programs).
+    skip_if_same_kernels(variant, torch.float32)
+    monkeypatch.setitem(impl.INTERPRET_BLOCKS, "BLOCK_P", 512)
+    shape, mode, with_gate, layout = case
+    check_backend("triton", shape, mode=mode, gate=with_gate, memory_format=LAYOUTS[layout])
 
 
 @requires_interpreter
@@ -162,20 +236,21 @@ def test_interpreter_empty_tensors(variant):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
-def test_interpreter_opcheck(with_gate):
+@pytest.mark.parametrize(
+    "with_gate,mode", [(True, MODES[0]), (False, MODES[0]), (True, CLAMPED)], ids=["gate", "nogate", "clamped"]
+)
+def test_interpreter_opcheck(with_gate, mode):
     # Eager checks only: under the interpreter the kernels cannot be traced into a graph
     # (torch.compile and test_aot_dispatch_dynamic need a GPU; see test_gpu_opcheck).
     x, kernel, gate = (
-        t.requires_grad_() if t is not None else None for t in _inputs((1, 4, 4, 3, 2, 3), gate=with_gate)
+        t.requires_grad_() if t is not None else None for t in _inputs((1, 4, 6, 7, 2, 3), gate=with_gate)
     )
     backend = get_backend("triton")
+    config = (3, 2, *mode_args(mode))
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2, 1, False, True), test_utils=checks)
+    torch.library.opcheck(backend.forward, (x, kernel, gate, *config), test_utils=checks)
     detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
-    torch.library.opcheck(
-        backend.backward, (*detached, 3, 2, 1, False, True), test_utils=("test_schema", "test_faketensor")
-    )
+    torch.library.opcheck(backend.backward, (*detached, *config), test_utils=("test_schema", "test_faketensor"))
 
 
 @requires_interpreter
@@ -245,6 +320,19 @@ def test_gpu_matches_oracle(variant, dtype, shape, with_gate, layout):
 
 
 @requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("mode", MODES, ids=_mode_id)
+def test_gpu_configurations(variant, dtype, mode):
+    # Every configuration at OverLoCK's largest window: windows pinned at the borders and free
+    # inside, several row segments per residue class, 48 channels per head (K = 5 in the
+    # torch.compile test below).
+    skip_if_same_kernels(variant, dtype)
+    n = 17 * mode["dilation"]
+    layout = torch.channels_last if MODES.index(mode) % 2 else torch.contiguous_format
+    check_backend("triton", (2, 96, n + 7, n + 37, 2, 17), dtype, "cuda", mode=mode, memory_format=layout)
+
+
+@requires_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d)[6:])
 def test_gpu_no_gate_and_paper_shape_slice(variant, dtype):
     skip_if_same_kernels(variant, dtype)
@@ -264,31 +352,35 @@ def test_gpu_backward_is_deterministic(variant):
 
 
 @requires_gpu
-@pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
+@pytest.mark.parametrize(
+    "with_gate,mode", [(True, MODES[0]), (False, MODES[0]), (True, CLAMPED)], ids=["gate", "nogate", "clamped"]
+)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_gpu_opcheck(variant, with_gate, layout):
+def test_gpu_opcheck(variant, with_gate, mode, layout):
     skip_if_same_kernels(variant, torch.float32)
     x, kernel, gate = (
         t.requires_grad_() if t is not None else None
-        for t in _inputs((2, 8, 6, 5, 2, 3), device="cuda", gate=with_gate, layout=layout)
+        for t in _inputs((2, 8, 6, 7, 2, 3), device="cuda", gate=with_gate, layout=layout)
     )
     backend = get_backend("triton")
-    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2, 1, False, True))
+    config = (3, 2, *mode_args(mode))
+    torch.library.opcheck(backend.forward, (x, kernel, gate, *config))
     detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
-    torch.library.opcheck(backend.backward, (*detached, 3, 2, 1, False, True))
+    torch.library.opcheck(backend.backward, (*detached, *config))
 
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-def test_gpu_torch_compile_fullgraph_traces_into_kernels(variant, dtype):
+@pytest.mark.parametrize("mode", [MODES[0], CLAMPED], ids=_mode_id)
+def test_gpu_torch_compile_fullgraph_traces_into_kernels(variant, dtype, mode):
     skip_if_same_kernels(variant, dtype)
     torch._dynamo.reset()
     G, K = 2, 5
 
     def f(x, kernel, gate):
-        return sgdc_conv(x * 2, kernel, gate, kernel_size=K, num_heads=G, backend="triton").square()
+        return window_conv(x * 2, kernel, gate, kernel_size=K, num_heads=G, backend="triton", **mode).square()
 
-    x, kernel, gate = (t.requires_grad_() for t in _inputs((2, 16, 11, 9, G, K), dtype, "cuda"))
+    x, kernel, gate = (t.requires_grad_() for t in _inputs((2, 16, 11, 12, G, K), dtype, "cuda"))
     compiled = torch.compile(f, fullgraph=True)
     out = compiled(x, kernel, gate)
     expected = f(x, kernel, gate)
@@ -306,7 +398,7 @@ def test_gpu_torch_compile_fullgraph_traces_into_kernels(variant, dtype):
 _COMPILE_FOR_SM90 = """
 import json
 from sgdc_kernels.triton_ops.sm90 import compile_all
-print(json.dumps(compile_all(layouts=("nchw",))))
+print(json.dumps(compile_all(layouts=("nchw",), configs=("sgdc", "overlock"))))
 """
 
 
@@ -319,15 +411,16 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    # every kernel of every variant, in fp32 and bf16
-    assert {(r["kernel"], r["dtype"]) for r in rows} == {
-        (f"{family} {part}", dtype)
+    # every kernel of every variant, in fp32 and bf16, for sgdc_conv and for OverLoCK's na2d_av
+    assert {(r["config"], r["kernel"], r["dtype"]) for r in rows} == {
+        (config, f"{family} {part}", dtype)
         for family, parts in (
             ("v1", ("forward", "backward taps", "backward dx")),
             ("band", ("forward", "backward", "backward dx")),
         )
         for part in parts
         for dtype in ("fp32", "bf16")
+        for config in ("sgdc", "overlock")
     }
     for r in rows:
         if r["kernel"].startswith("band"):

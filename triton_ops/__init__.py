@@ -1,4 +1,4 @@
-"""Triton kernels for sgdc_conv (installed as sgdc_kernels.triton_ops).
+"""Triton kernels for window_conv and sgdc_conv (installed as sgdc_kernels.triton_ops).
 
 Importing this module defines the operators ``sgdc::triton_forward`` / ``sgdc::triton_backward``
 (see sgdc_conv.py) and exposes them as :data:`BACKEND` for the registry (sgdc_kernels.registry).

@@ -1,17 +1,22 @@
 """Compile every variant's kernels for Hopper (sm_90) without a GPU, and summarize their SASS.
 
-    python -m sgdc_kernels.triton_ops.sm90 [--layouts nchw,channels_last] [--dtypes fp32,bf16] [--sass DIR]
+    python -m sgdc_kernels.triton_ops.sm90 [--layouts nchw,channels_last] [--dtypes fp32,bf16]
+                                           [--configs sgdc,overlock] [--sass DIR]
 
 Triton compiles to a cubin with its own ptxas and needs no device for that; the wheel also ships
 cuobjdump, whose SASS listing gives, per kernel: registers, spills, shared memory, and the count of
 global loads (LDG), shared loads (LDS, LDSM), and tensor-core instructions (HMMA, HGMMA) in the
-code, at the paper shape (B=8, C=256, 128x128, 4 heads, K=7). Run it with TRITON_INTERPRET unset
-(the interpreter never compiles).
+code, for each configuration asked for (``--configs``): "sgdc", sgdc_conv at the paper shape (B=8,
+C=256, 128x128, 4 heads, K=7), and "overlock", NATTEN's na2d_av as OverLoCK's ContMix calls it
+(clamped windows, raw weights, K=17, no gate) on x of shape (64, 64, 56, 56): B*heads = 64 items
+of 64 channels, one head each, as sgdc_kernels.compat.na2d_av folds the heads into the batch. Run it with
+TRITON_INTERPRET unset (the interpreter never compiles).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -29,15 +34,22 @@ OPCODES = {"STL": r"\bSTL(\.|\s)", "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS\.", "
 
 
 PAPER_SHAPE = (8, 256, 128, 128, 4, 7)  # B, C, H, W, heads, K
+# name: (shape, dilation, clamp, softmax, gate)
+CONFIGS = {
+    "sgdc": (PAPER_SHAPE, 1, False, True, True),
+    "overlock": ((64, 64, 56, 56, 1, 17), 1, True, False, False),
+}
 
 
-def _kernels(m, shape, dtype: str):
+def _kernels(m, config: str, dtype: str):
     """(name, kernel, pointer arguments, launch parameters) for every variant's kernels, at the
-    launch parameters the operators would pick on a GPU for ``shape``."""
-    _, C, H, W, G, K = shape
+    launch parameters the operators would pick on a GPU for ``config``."""
+    (_, C, H, W, G, K), dilation, clamp, softmax, gate = CONFIGS[config]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    taps = {**m._blocks(C // G, H * W), "K": K, "HAS_GATE": True}
-    band = {**m._dot_blocks(C // G, K, torch_dtype), "K": K, "HAS_GATE": True, "SPLIT": dtype != "fp32"}
+    mode = {"K": K, "HAS_GATE": gate, "D": dilation, "CLAMP": clamp, "SOFTMAX": softmax}
+    taps = {**m._blocks(C // G, H * W), **mode}
+    band = {**m._dot_blocks(C // G, K, torch_dtype), **mode, "SPLIT": dtype != "fp32" and softmax}
+    band_dx = {**band, "HALO": m._dx_halo(band, K, clamp)}
     lse, dp = ("lse_ptr", "fp32"), ("dp_ptr", "fp32")
     yield "v1 forward", m._sgdc_fwd_kernel, ["x_ptr", "k_ptr", "g_ptr", "out_ptr"], taps
     yield "v1 backward taps", m._sgdc_bwd_taps_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr",
@@ -46,7 +58,7 @@ def _kernels(m, shape, dtype: str):
     yield "band forward", m._sgdc_fwd_dot_kernel, ["x_ptr", "k_ptr", "g_ptr", "out_ptr"], band
     yield "band backward", m._sgdc_bwd_dot_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr",
                                                     "gy_ptr", lse], band  # fmt: skip
-    yield "band backward dx", m._sgdc_bwd_dx_dot_kernel, ["gy_ptr", "k_ptr", lse, "dx_ptr"], band
+    yield "band backward dx", m._sgdc_bwd_dx_dot_kernel, ["gy_ptr", "k_ptr", lse, "dx_ptr"], band_dx
 
 
 def _integer_arguments(m, shape, layout: str) -> dict:
@@ -74,23 +86,24 @@ def _sass_stats(cubin: bytes, tool: Path) -> tuple[dict, str]:
 
 
 def compile_all(
-    shape=PAPER_SHAPE, layouts=("nchw", "channels_last"), dtypes=("fp32", "bf16"), sass_dir=None
+    layouts=("nchw", "channels_last"), dtypes=("fp32", "bf16"), configs=("sgdc",), sass_dir=None
 ) -> list[dict]:
-    """Compile every kernel for sm_90 as a launch on ``shape`` would (Triton specializes integer
-    arguments equal to 1, such as the unit stride, and marks those divisible by 16, and the
-    pointers, as 16-aligned); one row of statistics per (layout, dtype, kernel)."""
+    """Compile every kernel for sm_90 as a launch in each of ``configs`` would (Triton specializes
+    integer arguments equal to 1, such as the unit stride, and marks those divisible by 16, and
+    the pointers, as 16-aligned); one row of statistics per (config, layout, dtype, kernel)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from . import sgdc_conv as m
 
+    mode_keys = ("K", "HAS_GATE", "D", "CLAMP", "SOFTMAX")
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
-    for layout in layouts:
-        ints = _integer_arguments(m, shape, layout)
+    for config, layout in itertools.product(configs, layouts):
+        ints = _integer_arguments(m, CONFIGS[config][0], layout)
         for dtype in dtypes:
-            for name, kernel, pointers, params in _kernels(m, shape, dtype):
+            for name, kernel, pointers, params in _kernels(m, config, dtype):
                 consts = {k: v for k, v in params.items() if k in kernel.arg_names}
                 consts.update({k: 1 for k, v in ints.items() if v == 1})
                 signature = {}
@@ -106,15 +119,16 @@ def compile_all(
                 src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
                 warps = params.get("num_warps", 4)
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-                shown = {k: v for k, v in params.items() if k.isupper() and k not in ("K", "HAS_GATE")}
-                row = {"layout": layout, "dtype": dtype, "kernel": name, "warps": warps, **shown,
+                shown = {k: v for k, v in params.items() if k.isupper() and k not in mode_keys}
+                row = {"config": config, "layout": layout, "dtype": dtype, "kernel": name, "warps": warps, **shown,
                        "smem_bytes": compiled.metadata.shared}  # fmt: skip
                 if tool.exists():
                     stats, sass = _sass_stats(compiled.asm["cubin"], tool)
                     row.update(stats)
                     if sass_dir:
                         Path(sass_dir).mkdir(parents=True, exist_ok=True)
-                        (Path(sass_dir) / f"{layout}_{dtype}_{name.replace(' ', '_')}.sass").write_text(sass)
+                        path = Path(sass_dir) / f"{config}_{layout}_{dtype}_{name.replace(' ', '_')}.sass"
+                        path.write_text(sass)
                 rows.append(row)
     return rows
 
@@ -123,18 +137,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layouts", default="nchw,channels_last", help="comma-separated: nchw, channels_last")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--configs", default="sgdc", help="comma-separated: " + ", ".join(CONFIGS))
     parser.add_argument("--sass", metavar="DIR", help="also write each kernel's SASS listing into DIR")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
-    layouts, dtypes = args.layouts.split(","), args.dtypes.split(",")
+    layouts, dtypes, configs = args.layouts.split(","), args.dtypes.split(","), args.configs.split(",")
     for name, values, allowed in (
         ("--layouts", layouts, ("nchw", "channels_last")),
         ("--dtypes", dtypes, ("fp32", "bf16")),
+        ("--configs", configs, tuple(CONFIGS)),
     ):
         if not set(values) <= set(allowed):
             parser.error(f"{name} takes a comma-separated list of {', '.join(allowed)}, got {','.join(values)}")
-    rows = compile_all(layouts=layouts, dtypes=dtypes, sass_dir=args.sass)
+    rows = compile_all(layouts=layouts, dtypes=dtypes, configs=configs, sass_dir=args.sass)
     keys = list(dict.fromkeys(k for row in rows for k in row))
     print(" | ".join(keys))
     for row in rows:
