@@ -72,8 +72,11 @@ run install 150 $PY -m pip install --no-build-isolation --no-deps -v . || {
   echo "== the build failed: nothing else can run" | tee -a "$LOG"; exit 1; }
 run info 20 bash -c "cd /tmp && $PY -m sgdc_kernels.info"
 
-# 3. GPU correctness, every variant (the tests parametrize over them)
-run correctness 150 bash -c "cd /tmp && $PY -m pytest -q -x $PWD/tests/test_cuda.py $PWD/tests/test_triton.py"
+# 3. GPU correctness, every variant (the tests parametrize over them), one stage per backend so
+# that a slow one (Triton compiles each configuration) cannot starve the other; no -x, so one
+# failure does not hide the others; the slowest tests are listed to size the next run.
+run correctness_cuda 120 bash -c "cd /tmp && $PY -m pytest -q --durations=10 $PWD/tests/test_cuda.py"
+run correctness_triton 150 bash -c "cd /tmp && $PY -m pytest -q --durations=10 $PWD/tests/test_triton.py"
 
 # 4. the paper shape: every variant, both dtypes and layouts, with unfold and the compiled peer
 run bench_paper 140 $PY bench/run.py --device cuda --shapes 8x256x128x128x4x7 --dtypes float32,bfloat16 \
