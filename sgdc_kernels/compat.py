@@ -72,6 +72,10 @@ def na2d_av(
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 5:
             raise ValueError(f"{name}: expected a 5-D (B, heads, H, W, ...) tensor, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if attn.device != value.device:
+        raise ValueError(f"attn: expected a tensor on value's device {value.device}, got {attn.device}")
     B, heads, H, W, D = value.shape
     if tuple(attn.shape) != (B, heads, H, W, K * K):
         raise ValueError(

@@ -166,6 +166,8 @@ def test_na2d_av_accepts_natten_argument_forms():
         (lambda a, v: na2d_av(a, v, 5), ValueError, r"attn: expected shape \(B, heads, H, W, kernel_size\*\*2\)"),
         (lambda a, v: na2d_av(a[0], v, 3), ValueError, "attn: expected a 5-D"),
         (lambda a, v: na2d_av(a.double(), v, 3), TypeError, "attn: expected value's dtype"),
+        (lambda a, v: na2d_av(a, v.long(), 3), TypeError, "value: expected a floating-point tensor"),
+        (lambda a, v: na2d_av(a, v, 3, dilation=(1, 2)), ValueError, "dilation: expected an int or a pair of equal"),
     ],
 )
 def test_na2d_av_rejects_what_natten_rejects(call, error, match):
