@@ -62,7 +62,7 @@ def test_clamp_matches_natten_on_a_worked_example():
 
 @pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "triton"])
 @pytest.mark.parametrize("mode", MODES, ids=_id)
-@pytest.mark.parametrize("K", [3, 5, 13])
+@pytest.mark.parametrize("K", [3, 5, 13, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_backends_match_the_oracle(backend, mode, K, dtype):
     if backend == "unfold" and dtype != torch.float32:
