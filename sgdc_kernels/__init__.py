@@ -4,7 +4,7 @@
 """
 
 from ._version import __version__
-from .backends import Backend, BackendUnavailableError
+from .custom_ops import Backend, BackendUnavailableError
 from .modules import SGDC, SGE, LayerNorm2d
 from .ops import sgdc_conv, window_conv
 from .registry import available_backends, get_backend, unavailable_reason

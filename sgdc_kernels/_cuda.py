@@ -1,7 +1,8 @@
 """Loader of the compiled CUDA extension ``sgdc_kernels._C`` (sources in csrc/).
 
 The extension defines ``sgdc::cuda_forward`` and ``sgdc::cuda_backward`` in C++ with the schemas of
-:mod:`sgdc_kernels.backends`. Importing it calls :func:`_register` (from its module init), which
+:mod:`sgdc_kernels.custom_ops`; their ``variant`` argument picks the kernels (``VARIANTS``, the
+default first). Importing it calls :func:`_register` (from its module init), which
 gives the operators their fake kernels and autograd through :func:`backends.register_ops`, once,
 with or without a GPU.
 
@@ -18,8 +19,8 @@ import importlib.util
 
 import torch
 
-from . import _layout
-from .backends import FLOATING_GPU, Backend, BackendUnavailableError, register_ops
+from . import _install
+from .custom_ops import FLOATING_GPU, Backend, BackendUnavailableError, register_ops
 
 _HOW_TO_BUILD = (
     "rebuild it against the torch you run, from the repository root on a machine with a CUDA "
@@ -28,8 +29,8 @@ _HOW_TO_BUILD = (
     "TORCH_CUDA_ARCH_LIST picks the GPUs)"
 )
 
-# Read by the kernels on every call (csrc/cuda/kernels.cuh); the extension lists the variants.
-VARIANT_ENV = "SGDC_CUDA_VARIANT"
+# Variants that compute sgdc_conv's configuration only (csrc/cuda/kernels.cuh, variant_runs).
+DEFAULT_ONLY = frozenset({"v1", "v3"})
 
 _registered = False
 
@@ -74,7 +75,7 @@ def _import_extension():
     """Import ``sgdc_kernels._C`` (which registers the sgdc::cuda_* operators, then calls
     _register()); ImportError with the reason when it is missing or built for another torch."""
     if _find_extension() is None:
-        note = _layout.shadowed_install_note()
+        note = _install.shadowed_install_note()
         raise ImportError(note or "sgdc_kernels._C is not built")
     mismatch = torch_mismatch()
     if mismatch:
@@ -99,7 +100,7 @@ def build_info() -> dict | None:
         "archs": archs,
         "cuda": ext.CUDA_VERSION,
         "torch": ext.TORCH_VERSION or None,
-        "kernel variants": ext.VARIANTS.split(","),  # chosen by SGDC_CUDA_VARIANT, the first by default
+        "kernel variants": ext.VARIANTS.split(","),  # the default first
     }
 
 
@@ -110,15 +111,17 @@ def load_backend() -> Backend:
         reason = str(exc)
         if "undefined symbol" in reason:  # a build without a recorded torch version
             reason += " (the usual cause: it was built against another torch than the one running)"
-        has_remedy = _HOW_TO_BUILD in reason or _layout.EDITABLE_HINT in reason
+        has_remedy = _HOW_TO_BUILD in reason or _install.EDITABLE_HINT in reason
         remedy = "" if has_remedy else f"; {_HOW_TO_BUILD}"
         raise BackendUnavailableError(f"backend 'cuda' is unavailable: {reason}{remedy}") from exc
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
             "backend 'cuda' is unavailable: the extension is built, but no CUDA GPU is visible "
-            "(torch.cuda.is_available() is False)"
+            "(torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU, or use "
+            "backend='auto', which runs the 'torch' backend on the CPU"
         )
     fwd, bwd = torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default
+    variants = tuple(build_info()["kernel variants"])
     return Backend(
         "cuda",
         fwd,
@@ -126,6 +129,6 @@ def load_backend() -> Backend:
         frozenset({"cuda"}),
         FLOATING_GPU,
         "fused CUDA C++ kernels (csrc/)",
-        variants=tuple(build_info()["kernel variants"]),  # the default first
-        variant_env=VARIANT_ENV,
+        variants=variants,
+        default_only=DEFAULT_ONLY & frozenset(variants),
     )

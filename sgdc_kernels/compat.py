@@ -14,23 +14,22 @@ from __future__ import annotations
 
 import torch
 
-from .ops import _autocast, window_conv
+from .ops import autocast_inputs, check_int, check_like, check_tensor, window_conv
 
 Tensor = torch.Tensor
 
 __all__ = ["na2d_av"]
 
 
-def _square(name: str, value: object) -> int:
-    """An int, or a pair of equal ints (NATTEN accepts per-axis values; these kernels are square)."""
+def _square(name: str, value: object) -> object:
+    """The one value of an int or of a pair of equal values (NATTEN accepts per-axis values; these
+    kernels are square); :func:`check_int` checks it."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2 or value[0] != value[1]:
             raise ValueError(
                 f"{name}: expected an int or a pair of equal ints (square windows only), got {tuple(value)!r}"
             )
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -63,17 +62,10 @@ def na2d_av(
     d = _square("dilation", dilation)
     if any(is_causal) if isinstance(is_causal, (tuple, list)) else is_causal:
         raise ValueError("is_causal: causal neighborhoods are not supported; expected False")
-    if K < 2 or K % 2 == 0:
-        raise ValueError(f"kernel_size: expected an odd int greater than 1, got {K}")
-    if d < 1:
-        raise ValueError(f"dilation: expected a positive int, got {d}")
-    for name, t in (("attn", attn), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 5:
-            raise ValueError(f"{name}: expected a 5-D (B, heads, H, W, ...) tensor, got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    check_int("kernel_size", K, odd=True, minimum=3)
+    check_int("dilation", d)
+    check_tensor("attn", attn, "(B, heads, H, W, kernel_size**2)")
+    check_tensor("value", value, "(B, heads, H, W, D)")
     if attn.device != value.device:
         raise ValueError(f"attn: expected a tensor on value's device {value.device}, got {attn.device}")
     B, heads, H, W, D = value.shape
@@ -84,9 +76,8 @@ def na2d_av(
         )
     if H < K * d or W < K * d:
         raise ValueError(f"value: input axes must be at least kernel_size * dilation = {K * d}, got H={H}, W={W}")
-    attn, value, _ = _autocast(attn, value, None)
-    if attn.dtype != value.dtype:
-        raise TypeError(f"attn: expected value's dtype {value.dtype}, got {attn.dtype}")
+    attn, value, _ = autocast_inputs(attn, value, None)
+    check_like("attn", attn, "value", value)
     # (B, heads, H, W, D) -> (B*heads, D, H, W) channels_last: a view of a contiguous tensor.
     x = value.reshape(B * heads, H, W, D).permute(0, 3, 1, 2)
     weights = attn.reshape(B * heads, H, W, K * K).permute(0, 3, 1, 2)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import platform
 
 import torch
 
-from . import __version__, _layout
-from .registry import BACKEND_NAMES, get_backend, selected_variant, unavailable_reason
+from . import __version__, _install
+from .registry import BACKEND_NAMES, get_backend, unavailable_reason
 
 
 def _version(dist: str) -> str:
@@ -25,8 +24,8 @@ def _extension_info() -> str:
     info = _cuda.build_info()
     if info:
         return ", ".join(f"{k}: {' '.join(v) if isinstance(v, (list, tuple)) else v}" for k, v in info.items())
-    if not _layout.has_extension(_layout.PACKAGE_DIR):
-        return "not built" + (f" in this copy: {note}" if (note := _layout.shadowed_install_note()) else "")
+    if not _install.has_extension(_install.PACKAGE_DIR):
+        return "not built" + (f" in this copy: {note}" if (note := _install.shadowed_install_note()) else "")
     return "built, but does not load (see the 'cuda' backend below)"
 
 
@@ -34,20 +33,19 @@ def _variants_line(name: str) -> str | None:
     backend = get_backend(name)
     if not backend.variants:
         return None
-    current = selected_variant(backend)
-    if os.environ.get(backend.variant_env or ""):
-        how = f"{backend.variant_env}={current}"
-    else:
-        how = f"{backend.variant_env} unset: the default, the first listed"
-    unknown = "" if current in backend.variants else " (not one of them: the kernels decide)"
-    return f"            variants {', '.join(backend.variants)}; selected {current} ({how}){unknown}"
+    limited = [v for v in backend.variants if v in backend.default_only]
+    note = f"; {', '.join(limited)} run sgdc_conv's configuration only" if limited else ""
+    return (
+        f"            variants {', '.join(backend.variants)} (backend='{name}@<variant>'; "
+        f"default {backend.variants[0]}{note})"
+    )
 
 
 def report() -> str:
     """The whole report, as ``python -m sgdc_kernels.info`` prints it."""
     lines = [
         f"sgdc-kernels {__version__}",
-        f"loaded from {_layout.describe()}",
+        f"loaded from {_install.describe()}",
         f"python      {platform.python_version()}",
         f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none: CPU-only build'})",
         f"triton      {_version('triton')}",

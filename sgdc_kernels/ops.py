@@ -1,42 +1,61 @@
 """The public operators: :func:`window_conv`, the per-pixel weighted window sum, and
-:func:`sgdc_conv`, its SGDC configuration (definition and gradients: docs/op.md)."""
+:func:`sgdc_conv`, its SGDC configuration (definition and gradients: docs/op.md); and the
+validation of every user-facing argument of the package's operators (``compat`` uses it too).
+
+A call is validated here, cast under autocast, laid out densely in ``x``'s memory format, and
+handed to the backend's forward operator that :func:`registry.resolve` picks, with the kernel
+variant as an argument. The backends themselves check only what protects memory."""
 
 from __future__ import annotations
 
 import torch
 
-from .backends import memory_format_of
-from .registry import check_name, forward_op, resolve_backend
+from .custom_ops import memory_format_of
+from .registry import check_name, forward_op, resolve
 
 Tensor = torch.Tensor
 
 
-def _check_int(name: str, value: object, *, odd: bool = False) -> None:
+def check_int(name: str, value: object, *, odd: bool = False, minimum: int = 1) -> None:
+    """``value`` is an int (not a bool) of at least ``minimum``, odd if asked."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
-    if value < 1:
+        what = "a positive int" if minimum == 1 else f"an int greater than {minimum - 1}"
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__} {value!r}")
+    if minimum > 1 and (value < minimum or (odd and value % 2 == 0)):
+        raise ValueError(f"{name}: expected an {'odd ' if odd else ''}int greater than {minimum - 1}, got {value}")
+    if value < minimum:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     if odd and value % 2 == 0:
         raise ValueError(f"{name}: expected an odd int (the window is centred), got {value}")
 
 
-def _check_tensor(name: str, t: object) -> None:
+def check_tensor(name: str, t: object, layout: str = "(B, C, H, W)") -> None:
+    """``t`` is a floating-point tensor with one dimension per name in ``layout``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name}: expected a 4-D (B, C, H, W) tensor, got {t.dim()}-D shape {tuple(t.shape)}")
+    ndim = layout.count(",") + 1
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D {layout} tensor, got {t.dim()}-D shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(
             f"{name}: expected a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}"
         )
 
 
+def check_like(name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` is on ``ref``'s device and of its dtype."""
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref_name}'s device {ref.device}, got {t.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected {ref_name}'s dtype {ref.dtype}, got {t.dtype}")
+
+
 BORDERS = ("zero", "clamp")
 NORMALIZATIONS = ("softmax", None)
 
 
-def check_mode(dilation: int, border: str, normalize: str | None) -> None:
-    _check_int("dilation", dilation)
+def check_config(dilation: int, border: str, normalize: str | None) -> None:
+    check_int("dilation", dilation)
     if border not in BORDERS:
         raise ValueError(f"border: expected 'zero' or 'clamp', got {border!r}")
     if normalize not in NORMALIZATIONS:
@@ -45,7 +64,7 @@ def check_mode(dilation: int, border: str, normalize: str | None) -> None:
 
 def check_inputs(
     x: Tensor,
-    kernel: Tensor,
+    weights: Tensor,
     gate: Tensor | None,
     kernel_size: int,
     num_heads: int,
@@ -53,25 +72,26 @@ def check_inputs(
     dilation: int = 1,
     border: str = "zero",
     normalize: str | None = "softmax",
-    kernel_name: str = "kernel",
+    weights_name: str = "weights",
 ) -> None:
-    """Raise TypeError / ValueError naming the argument and what was expected."""
-    _check_int("kernel_size", kernel_size, odd=True)
-    _check_int("num_heads", num_heads)
-    check_mode(dilation, border, normalize)
-    _check_tensor("x", x)
-    _check_tensor(kernel_name, kernel)
+    """Raise TypeError / ValueError naming the argument and what was expected (``weights_name``:
+    what the caller calls ``weights``, e.g. sgdc_conv's ``kernel``)."""
+    check_int("kernel_size", kernel_size, odd=True)
+    check_int("num_heads", num_heads)
+    check_config(dilation, border, normalize)
+    check_tensor("x", x)
+    check_tensor(weights_name, weights)
     if gate is not None:
-        _check_tensor("gate", gate)
+        check_tensor("gate", gate)
     B, C, H, W = x.shape
     if C < num_heads or C % num_heads != 0:
         raise ValueError(f"x: channel count {C} must be a positive multiple of num_heads={num_heads}")
     expected = (B, num_heads * kernel_size * kernel_size, H, W)
-    if tuple(kernel.shape) != expected:
+    if tuple(weights.shape) != expected:
         raise ValueError(
-            f"{kernel_name}: expected shape (B, num_heads*kernel_size**2, H, W) = {expected} "
+            f"{weights_name}: expected shape (B, num_heads*kernel_size**2, H, W) = {expected} "
             f"for x of shape {tuple(x.shape)}, num_heads={num_heads}, kernel_size={kernel_size}; "
-            f"got {tuple(kernel.shape)}"
+            f"got {tuple(weights.shape)}"
         )
     if gate is not None and gate.shape != x.shape:
         raise ValueError(f"gate: expected the shape of x {tuple(x.shape)}, got {tuple(gate.shape)}")
@@ -80,27 +100,23 @@ def check_inputs(
             f"x: border='clamp' needs H and W of at least kernel_size * dilation = "
             f"{kernel_size * dilation} (every window inside the image), got H={H}, W={W}"
         )
-    for name, t in ((kernel_name, kernel), ("gate", gate)):
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected a tensor on x's device {x.device}, got {t.device}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
+    for name, t in ((weights_name, weights), ("gate", gate)):
+        if t is not None:
+            check_like(name, t, "x", x)
 
 
-def _autocast(x, kernel, gate):
+def autocast_inputs(x, weights, gate):
     """Under torch.autocast, run in the autocast dtype (as convolutions do): inside an autocast
     region the inputs typically arrive in mixed precisions (LayerNorm in float32, 1x1 convolutions
     in bfloat16). Outside autocast, mixed dtypes stay an error."""
     if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
-        return x, kernel, gate
+        return x, weights, gate
     dtype = torch.get_autocast_dtype(x.device.type)
 
     def cast(t):
         return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
-    return cast(x), cast(kernel), cast(gate)
+    return cast(x), cast(weights), cast(gate)
 
 
 def window_conv(
@@ -129,36 +145,28 @@ def window_conv(
             image; ``"clamp"``: the window is shifted to stay inside the image (NATTEN's rule;
             needs H and W >= kernel_size * dilation).
         normalize: ``"softmax"`` or None.
-        backend: "auto", "unfold", "torch", "triton" or "cuda" (see available_backends()).
+        backend: "auto", "unfold", "torch", "triton" or "cuda" (see available_backends()), or
+            "name@variant" for one kernel variant of a backend (e.g. "cuda@v2").
 
     Returns a tensor shaped, typed and laid out (contiguous or channels_last) like ``x``.
     Differentiable in x, weights and gate; works under torch.compile(fullgraph=True).
     :func:`sgdc_conv` is this op with ``border="zero"``, ``normalize="softmax"``, ``dilation=1``.
     """
     check_name(backend)
-    x, weights, gate = _autocast(x, weights, gate)
-    check_inputs(
-        x,
-        weights,
-        gate,
-        kernel_size,
-        num_heads,
-        dilation=dilation,
-        border=border,
-        normalize=normalize,
-        kernel_name="weights",
-    )
+    x, weights, gate = autocast_inputs(x, weights, gate)
+    check_inputs(x, weights, gate, kernel_size, num_heads, dilation=dilation, border=border, normalize=normalize)
     return _run(backend, x, weights, gate, kernel_size, num_heads, dilation, border == "clamp", normalize is not None)
 
 
-def _run(backend, x, kernel, gate, kernel_size, num_heads, dilation, clamp, softmax) -> Tensor:
-    name = resolve_backend(backend, x.device.type, x.dtype)
+def _run(backend, x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax) -> Tensor:
+    """The validated call, on the backend and variant that ``backend`` means for it."""
+    name, variant = resolve(backend, x.device.type, x.dtype, dilation, clamp, softmax)
     fmt = memory_format_of(x)
     x = x.contiguous(memory_format=fmt)
-    kernel = kernel.contiguous(memory_format=fmt)
+    weights = weights.contiguous(memory_format=fmt)
     if gate is not None:
         gate = gate.contiguous(memory_format=fmt)
-    return forward_op(name)(x, kernel, gate, kernel_size, num_heads, dilation, clamp, softmax)
+    return forward_op(name)(x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax, variant)
 
 
 def sgdc_conv(
@@ -179,13 +187,14 @@ def sgdc_conv(
             (u, v) of head h. The softmax runs over the K*K taps of each head and pixel.
         gate: gate logits, (B, C, H, W), or None for no gate.
         kernel_size: K, odd. num_heads: G, divides C.
-        backend: "auto", "unfold", "torch", "triton" or "cuda" (see available_backends()).
+        backend: "auto", "unfold", "torch", "triton" or "cuda" (see available_backends()), or
+            "name@variant" for one kernel variant of a backend (e.g. "cuda@v2").
 
     Returns a tensor shaped, typed and laid out (contiguous or channels_last) like ``x``.
     Differentiable in x, kernel and gate; works under torch.compile(fullgraph=True).
     This is :func:`window_conv` with centred, zero-padded windows and the softmax.
     """
     check_name(backend)
-    x, kernel, gate = _autocast(x, kernel, gate)
-    check_inputs(x, kernel, gate, kernel_size, num_heads)
+    x, kernel, gate = autocast_inputs(x, kernel, gate)
+    check_inputs(x, kernel, gate, kernel_size, num_heads, weights_name="kernel")
     return _run(backend, x, kernel, gate, kernel_size, num_heads, 1, False, True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backends import memory_format_of
+from .custom_ops import memory_format_of
 
 Tensor = torch.Tensor
 
@@ -50,15 +50,15 @@ def window_starts(n: int, kernel_size: int, dilation: int = 1, clamp: bool = Fal
     return starts
 
 
-def _weights(kernel: Tensor, B: int, G: int, KK: int, softmax: bool, dtype: torch.dtype) -> Tensor:
+def _tap_weights(weights: Tensor, B: int, G: int, KK: int, softmax: bool, dtype: torch.dtype) -> Tensor:
     """(B, G, K*K, H, W) per-pixel weights: the softmax of the logits, or the weights as given."""
-    w = kernel.reshape(B, G, KK, *kernel.shape[2:]).to(dtype)
+    w = weights.reshape(B, G, KK, *weights.shape[2:]).to(dtype)
     return w.softmax(dim=2) if softmax else w
 
 
 def unfold_forward(
     x: Tensor,
-    kernel: Tensor,
+    weights: Tensor,
     gate: Tensor | None,
     kernel_size: int,
     num_heads: int,
@@ -76,7 +76,7 @@ def unfold_forward(
     B, C, H, W = x.shape
     K, G, d = kernel_size, num_heads, dilation
     if x.numel() == 0:  # F.unfold rejects empty spatial dims; keep the graph to every input
-        out = x + 0 * kernel[:, :1]
+        out = x + 0 * weights[:, :1]
         return out * torch.sigmoid(gate) if gate is not None else out
     if not clamp:
         cols = F.unfold(x, K, dilation=d, padding=(K // 2) * d)
@@ -89,8 +89,8 @@ def unfold_forward(
             columns = torch.tensor(window_starts(W, K, d, True), device=x.device)
             cols = cols.index_select(2, rows).index_select(3, columns)
     cols = cols.reshape(B, G, C // G, K * K, H * W)
-    weights = _weights(kernel, B, G, K * K, softmax, x.dtype).reshape(B, G, K * K, H * W)
-    out = torch.einsum("bgctn,bgtn->bgcn", cols, weights).reshape(B, C, H, W)
+    w = _tap_weights(weights, B, G, K * K, softmax, x.dtype).reshape(B, G, K * K, H * W)
+    out = torch.einsum("bgctn,bgtn->bgcn", cols, w).reshape(B, C, H, W)
     if gate is not None:
         out = out * torch.sigmoid(gate)
     return out.contiguous(memory_format=memory_format_of(x))
@@ -134,19 +134,19 @@ class _Taps:
         acc.index_add_(-2, self.rows + du, by_col)
 
 
-def _prepare(x: Tensor, kernel: Tensor, kernel_size: int, num_heads: int, dilation: int, clamp: bool, softmax: bool):
+def _prepare(x: Tensor, weights: Tensor, kernel_size: int, num_heads: int, dilation: int, clamp: bool, softmax: bool):
     B, C, H, W = x.shape
     G = num_heads
     acc = accumulation_dtype(x.dtype)
     # (B, G, 1, K*K, H, W): the singleton broadcasts over the head's channels.
-    weights = _weights(kernel, B, G, kernel_size**2, softmax, acc).unsqueeze(2)
+    w = _tap_weights(weights, B, G, kernel_size**2, softmax, acc).unsqueeze(2)
     taps = _Taps((B, G, C // G, H, W), kernel_size, dilation, clamp, x.device)
-    return weights, taps, taps.padded(x.reshape(B, G, C // G, H, W))
+    return w, taps, taps.padded(x.reshape(B, G, C // G, H, W))
 
 
 def shift_forward(
     x: Tensor,
-    kernel: Tensor,
+    weights: Tensor,
     gate: Tensor | None,
     kernel_size: int,
     num_heads: int,
@@ -156,10 +156,10 @@ def shift_forward(
 ) -> Tensor:
     """Shift-and-accumulate forward: ``sum_t w[t] * tap_t(x)``, then the gate. Differentiable."""
     B, C, H, W = x.shape
-    weights, taps, xp = _prepare(x, kernel, kernel_size, num_heads, dilation, clamp, softmax)
-    y = torch.zeros(B, num_heads, C // num_heads, H, W, dtype=weights.dtype, device=x.device)
+    w, taps, xp = _prepare(x, weights, kernel_size, num_heads, dilation, clamp, softmax)
+    y = torch.zeros(B, num_heads, C // num_heads, H, W, dtype=w.dtype, device=x.device)
     for t, du, dv in taps:
-        y.addcmul_(weights[:, :, :, t], taps.view(xp, du, dv))
+        y.addcmul_(w[:, :, :, t], taps.view(xp, du, dv))
     y = y.reshape(B, C, H, W)
     if gate is not None:
         y = y * torch.sigmoid(gate.to(y.dtype))
@@ -169,7 +169,7 @@ def shift_forward(
 def shift_backward(
     grad_out: Tensor,
     x: Tensor,
-    kernel: Tensor,
+    weights: Tensor,
     gate: Tensor | None,
     kernel_size: int,
     num_heads: int,
@@ -180,39 +180,39 @@ def shift_backward(
     """Gradients of :func:`shift_forward` by the formulas of docs/op.md, one tap at a time.
 
     Peak extra memory is a few tensors of the size of ``x`` (fp32) plus one of the size of
-    ``kernel``; the ``K*K``-fold unfold is never built.
+    ``weights``; the ``K*K``-fold unfold is never built.
     """
     B, C, H, W = x.shape
     K, G = kernel_size, num_heads
-    weights, taps, xp = _prepare(x, kernel, K, G, dilation, clamp, softmax)
-    acc = weights.dtype
+    w, taps, xp = _prepare(x, weights, K, G, dilation, clamp, softmax)
+    acc = w.dtype
     shape5 = (B, G, C // G, H, W)
     g_y = grad_out.reshape(shape5).to(acc)
     if gate is not None:
         s = torch.sigmoid(gate.reshape(shape5).to(acc))
         g_y = g_y * s
         y = torch.zeros(shape5, dtype=acc, device=x.device)
-    dweights = torch.empty(B, G, K * K, H, W, dtype=acc, device=x.device)
+    dw = torch.empty(B, G, K * K, H, W, dtype=acc, device=x.device)
     dxp = taps.padded(torch.zeros(shape5, dtype=acc, device=x.device))
     for t, du, dv in taps:
         x_t = taps.view(xp, du, dv)
-        w_t = weights[:, :, :, t]
+        w_t = w[:, :, :, t]
         if gate is not None:
             y.addcmul_(w_t, x_t)
-        # dW[t] = sum over the head's channels of g_y * tap_t(x)
-        torch.sum(g_y * x_t, dim=2, out=dweights[:, :, t])
+        # dw[t] = sum over the head's channels of g_y * tap_t(x)
+        torch.sum(g_y * x_t, dim=2, out=dw[:, :, t])
         # dx: move W[t] * g_y back to the positions tap t read.
         taps.scatter_add(dxp, du, dv, w_t * g_y)
-    weights = weights.squeeze(2)
+    w = w.squeeze(2)
     if softmax:  # through the softmax: dlogits = P * (dP - sum_t P dP)
-        dweights = weights * (dweights - (weights * dweights).sum(dim=2, keepdim=True))
+        dw = w * (dw - (w * dw).sum(dim=2, keepdim=True))
     p = taps.pad
     dx = dxp[..., p : p + H, p : p + W].reshape(B, C, H, W)
     fmt = memory_format_of(x)
     dx = dx.to(x.dtype).contiguous(memory_format=fmt)
-    dkernel = dweights.reshape(kernel.shape).to(kernel.dtype).contiguous(memory_format=fmt)
+    dweights = dw.reshape(weights.shape).to(weights.dtype).contiguous(memory_format=fmt)
     dgate = None
     if gate is not None:
         dgate = (grad_out.reshape(shape5).to(acc) * y * s * (1 - s)).reshape(B, C, H, W)
         dgate = dgate.to(gate.dtype).contiguous(memory_format=fmt)
-    return dx, dkernel, dgate
+    return dx, dweights, dgate

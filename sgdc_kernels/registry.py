@@ -1,9 +1,10 @@
-"""The one registry of sgdc_conv backends: their names, how each is loaded, and what "auto" picks.
+"""The one registry of window_conv backends: their names, how each is loaded, and what "auto" picks.
 
 Backends are loaded lazily, on first use, by a loader that returns a
-:class:`~sgdc_kernels.backends.Backend` or raises :class:`BackendUnavailableError` with the reason
+:class:`~sgdc_kernels.custom_ops.Backend` or raises :class:`BackendUnavailableError` with the reason
 and the remedy. A backend name may carry a kernel variant, ``"name@variant"`` (see
-:func:`parse_backend`); the variant is selected through the backend's environment variable.
+:func:`parse_backend`); :func:`resolve` turns a name into the backend and the variant that a call
+passes to the backend's operators.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import _layout
-from .backends import FLOATING_ALL, Backend, BackendUnavailableError, define_ops
+from . import _install
+from .custom_ops import FLOATING_ALL, Backend, BackendUnavailableError, define_ops
 
 # ---------------------------------------------------------------------------------------------
 # Loaders: one per backend. Each returns a Backend or raises BackendUnavailableError.
@@ -30,7 +31,10 @@ def _load_reference(name: str) -> Backend:
         # The oracle is plain differentiable PyTorch, not a custom operator: its gradients come
         # from autograd, independently of the hand-written backward formulas of the other
         # backends, and torch.compile traces it like the authors' code.
-        fwd, bwd = reference.unfold_forward, None
+        def fwd(x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax, variant):
+            return reference.unfold_forward(x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax)
+
+        bwd = None
         desc = "the paper's F.unfold formulation (oracle; needs K*K times the input's memory)"
     else:
         fwd, bwd = define_ops("torch", reference.shift_forward, reference.shift_backward)
@@ -52,7 +56,7 @@ def _load_triton(name: str) -> Backend:
             "triton to run the kernels on CPU tensors through the (slow) interpreter"
         )
     try:
-        module = _layout.import_triton_ops()
+        module = _install.import_triton_ops()
     except ImportError as exc:
         raise BackendUnavailableError(
             f"backend 'triton' is unavailable: importing sgdc_kernels.triton_ops failed ({exc})"
@@ -93,21 +97,29 @@ def _load(name: str) -> Backend | BackendUnavailableError:
     return _LOADED[name]
 
 
-def check_name(name: object, *, allow_auto: bool = True) -> str:
-    """``name`` itself when it names a backend (or ``"auto"``); else the TypeError / ValueError
-    that every entry point raises for a mistyped backend."""
-    if not isinstance(name, str):
-        raise TypeError(f"backend: expected a str, got {type(name).__name__}")
-    if name in _LOADERS or (allow_auto and name == "auto"):
-        return name
+def check_name(spec: object, *, allow_auto: bool = True) -> str:
+    """``spec`` itself when it names a backend (``"name"`` or ``"name@variant"``, or ``"auto"``);
+    else the TypeError / ValueError that every entry point raises for a mistyped backend. The
+    variant is checked when the backend loads (:func:`parse_backend`)."""
+    if not isinstance(spec, str):
+        raise TypeError(f"backend: expected a str, got {type(spec).__name__}")
+    name = spec.partition("@")[0]
+    if name in _LOADERS or (allow_auto and spec == "auto"):
+        return spec
     expected = ("'auto' or one of " if allow_auto else "one of ") + ", ".join(BACKEND_NAMES)
     raise ValueError(f"backend: unknown backend {name!r}; expected {expected}")
+
+
+def _check_plain_name(name: object) -> None:
+    check_name(name, allow_auto=False)
+    if "@" in name:
+        raise ValueError(f"backend: expected a backend name without a variant, got {name!r}")
 
 
 def get_backend(name: str) -> Backend:
     """The loaded backend ``name``; raises ValueError for an unknown name and
     BackendUnavailableError when it cannot run on this machine."""
-    check_name(name, allow_auto=False)
+    _check_plain_name(name)
     loaded = _load(name)
     if isinstance(loaded, BackendUnavailableError):
         raise BackendUnavailableError(str(loaded))
@@ -116,7 +128,7 @@ def get_backend(name: str) -> Backend:
 
 def unavailable_reason(name: str) -> str | None:
     """None when backend ``name`` loads here, else why not; ValueError for an unknown name."""
-    check_name(name, allow_auto=False)
+    _check_plain_name(name)
     loaded = _load(name)
     return str(loaded) if isinstance(loaded, BackendUnavailableError) else None
 
@@ -136,23 +148,14 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def selected_variant(backend: Backend) -> str | None:
-    """The variant the kernels of ``backend`` run now: the value of its environment variable, or
-    the default (the first listed variant) while the variable is unset or empty. None for a
-    backend without variants."""
-    if not backend.variants:
-        return None
-    return os.environ.get(backend.variant_env or "") or backend.variants[0]
-
-
 def parse_backend(spec: str) -> tuple[str, str | None]:
     """Split ``"name"`` or ``"name@variant"`` into (name, variant or None) and check both.
 
     ``"name@all"`` is returned as is (variant ``"all"``); :func:`expand_variants` lists them.
     Raises ValueError naming what was expected; the backend must load to check a variant.
     """
+    check_name(spec, allow_auto=False)
     name, sep, variant = spec.partition("@")
-    check_name(name, allow_auto=False)
     if not sep:
         return name, None
     backend = get_backend(name)
@@ -190,14 +193,15 @@ _WARNED_SHADOWED = []
 
 
 @_assume_constant_result
-def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
-    """The backend that ``name`` means for tensors of this device type and dtype.
+def resolve_backend(spec: str, device_type: str, dtype: torch.dtype) -> str:
+    """The backend that ``spec`` (``"auto"``, ``"name"`` or ``"name@variant"``) means for tensors of
+    this device type and dtype: its name.
 
     Raises ValueError / BackendUnavailableError / TypeError with what was expected. Under
     torch.compile this runs once at trace time and its result is a constant.
     """
-    check_name(name)
-    if name == "auto":
+    check_name(spec)
+    if spec == "auto":
         for candidate in AUTO_ORDER.get(device_type, ("torch",)):
             loaded = _load(candidate)
             if not isinstance(loaded, BackendUnavailableError) and (
@@ -205,11 +209,12 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
             ):
                 return candidate
             if candidate == "cuda" and not _WARNED_SHADOWED:
-                note = _layout.shadowed_install_note()
+                note = _install.shadowed_install_note()
                 if note:  # the user installed the extension but imports a copy without it
                     _WARNED_SHADOWED.append(note)
-                    warnings.warn(f"backend 'auto' skips 'cuda': {note}", stacklevel=3)
+                    warnings.warn(f"backend 'auto' skips 'cuda': {note}", stacklevel=4)
         raise ValueError(f"x: no backend accepts {dtype} tensors on device type {device_type!r}")
+    name, _ = parse_backend(spec)
     backend = get_backend(name)
     if device_type not in backend.device_types:
         raise BackendUnavailableError(
@@ -218,6 +223,8 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
             + (
                 " (set TRITON_INTERPRET=1 before importing triton to run it on the CPU)"
                 if name == "triton" and device_type == "cpu"
+                else f"; move the tensors there, or use backend='auto', which picks {AUTO_ORDER[device_type][0]!r}"
+                if device_type in AUTO_ORDER
                 else ""
             )
         )
@@ -225,6 +232,31 @@ def resolve_backend(name: str, device_type: str, dtype: torch.dtype) -> str:
         allowed = ", ".join(sorted(str(d).replace("torch.", "") for d in backend.dtypes))
         raise TypeError(f"x: backend {name!r} does not support dtype {dtype}; it supports {allowed}")
     return name
+
+
+@_assume_constant_result
+def resolve(
+    spec: str, device_type: str, dtype: torch.dtype, dilation: int, clamp: bool, softmax: bool
+) -> tuple[str, str]:
+    """``(name, variant)``: the backend and the kernel variant that run a call of this
+    configuration (``variant`` is ``""`` for a backend without variants). A variant that does not
+    run the configuration raises ValueError, naming the variants that do. Under torch.compile the
+    result is a constant of the graph."""
+    name = resolve_backend(spec, device_type, dtype)
+    backend = _LOADED[name]
+    _, variant = parse_backend(spec) if spec != "auto" else (name, None)
+    if variant is None:
+        return name, backend.variant_for(dilation, clamp, softmax)
+    if variant == "all":
+        raise ValueError(f"backend: {spec!r} names every variant, which only bench/run.py runs; name one")
+    if not backend.runs(variant, dilation, clamp, softmax):
+        able = ", ".join(f"{name}@{v}" for v in backend.variants if backend.runs(v, dilation, clamp, softmax))
+        raise ValueError(
+            f"backend: {spec!r} runs only sgdc_conv's configuration (dilation=1, border='zero', "
+            f"normalize='softmax'); got dilation={dilation}, border={'clamp' if clamp else 'zero'!r}, "
+            f"normalize={'softmax' if softmax else None!r}; use {name!r} or one of {able}"
+        )
+    return name, variant
 
 
 def forward_op(name: str) -> Callable[..., torch.Tensor]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .backends import memory_format_of
+from .custom_ops import memory_format_of
 from .ops import window_conv
 from .reference import unfold_forward
 from .registry import get_backend

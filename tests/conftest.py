@@ -38,24 +38,24 @@ def _run_outside_the_checkout(tmp_path_factory):
     os.chdir(here)
 
 
-VARIANT_ENV = "SGDC_FAKE_VARIANT"
-
-
 @pytest.fixture
 def fake_variants(monkeypatch):
-    """Backend 'torch' replaced, for one test, by one with kernel variants v1 (the default) and v2
-    selected by $SGDC_FAKE_VARIANT; ``fake_variants.seen`` records the variable at each call."""
+    """Backend 'torch' replaced, for one test, by one with kernel variants v1 (the default), v2 and
+    v3, of which v3 runs sgdc_conv's configuration only; ``fake_variants.seen`` records the
+    ``variant`` argument of each call."""
     from sgdc_kernels import registry
-    from sgdc_kernels.backends import FLOATING_ALL, Backend
+    from sgdc_kernels.custom_ops import FLOATING_ALL, Backend
     from sgdc_kernels.reference import unfold_forward
 
     seen = []
 
-    def forward(x, kernel, gate, *config):
-        seen.append(os.environ.get(VARIANT_ENV))
-        return unfold_forward(x, kernel, gate, *config)
+    def forward(x, weights, gate, *config):
+        *config, variant = config
+        seen.append(variant)
+        return unfold_forward(x, weights, gate, *config)
 
-    fake = Backend("torch", forward, None, frozenset({"cpu"}), FLOATING_ALL, "fake", ("v1", "v2"), VARIANT_ENV)
+    fake = Backend(
+        "torch", forward, None, frozenset({"cpu"}), FLOATING_ALL, "fake", ("v1", "v2", "v3"), frozenset({"v3"})
+    )
     monkeypatch.setitem(registry._LOADED, "torch", fake)
-    monkeypatch.delenv(VARIANT_ENV, raising=False)
-    return types.SimpleNamespace(backend=fake, seen=seen, env=VARIANT_ENV)
+    return types.SimpleNamespace(backend=fake, seen=seen)

@@ -1,6 +1,6 @@
 """The `cuda` backend: the compiled extension sgdc_kernels._C (csrc/).
 
-Without a GPU: the extension imports, its operators have the schemas of sgdc_kernels.backends,
+Without a GPU: the extension imports, its operators have the schemas of sgdc_kernels.custom_ops,
 fake kernels and autograd are wired, and the backend reports itself unavailable with the reason.
 With a GPU: agreement with the float64 oracle `unfold_forward`, forward and backward, across
 dtypes, layouts, K, heads, borders and odd sizes; determinism; opcheck; torch.compile; and one
@@ -16,7 +16,7 @@ import torch
 
 import sgdc_kernels
 from sgdc_kernels import BackendUnavailableError, sgdc_conv
-from sgdc_kernels.backends import BACKWARD_SCHEMA, FORWARD_SCHEMA
+from sgdc_kernels.custom_ops import BACKWARD_SCHEMA, FORWARD_SCHEMA
 from sgdc_kernels.testing import assert_close, check_backend, forward_backward, make_inputs, oracle
 
 

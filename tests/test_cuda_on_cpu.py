@@ -156,7 +156,7 @@ class Cases:
             got = _from_raw((self.dir / f"{cid}.{suffix}").read_bytes(), like).double()
             assert not got.isnan().any(), f"{line}: {suffix} has NaN (an element no thread wrote?)"
             # fp32 sums of K*K taps (out; dx: up to (K + K//2)^2 near clamped borders) and of Cg
-            # channels (dP, inside dkernel and dgate)
+            # channels (dP, inside dweights and dgate)
             extra = 64.0 * ((K + K // 2) ** 2 + x.shape[1] // G)
             err = (got - ref).abs()
             tol = _tolerance(ref, like.dtype, extra)
@@ -213,7 +213,18 @@ def test_large_shared_memory_and_many_blocks(harness, tmp_path, variant):
 def test_unknown_variant_is_a_clear_error(harness, tmp_path):
     cases = Cases(tmp_path)
     cases.add((1, 2, 3, 3, 1, 3), "f32", "nchw", False, "nonesuch")
-    with pytest.raises(AssertionError, match="SGDC_CUDA_VARIANT=nonesuch is not a kernel variant"):
+    with pytest.raises(AssertionError, match="variant: 'nonesuch' is not a kernel variant of the cuda backend"):
+        cases.run(harness)
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "v2"])
+@pytest.mark.parametrize("mode", [dict(border="clamp"), dict(dilation=2), dict(normalize=None)])
+def test_a_variant_refuses_a_configuration_it_does_not_run(harness, tmp_path, variant, mode):
+    """v1 and v3 compute sgdc_conv's configuration only; the launch code refuses the others
+    instead of running another variant's kernels under their name."""
+    cases = Cases(tmp_path)
+    cases.add((1, 4, 8, 8, 1, 3), "f32", "nchw", False, variant, mode=mode)
+    with pytest.raises(AssertionError, match=f"variant: {variant} runs only sgdc_conv's configuration"):
         cases.run(harness)
 
 
@@ -226,9 +237,9 @@ MODES = [
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_window_conv_configurations(harness, tmp_path, dtype):
-    """Dilated and clamped windows and raw weights (every variant hands them to v2's group-space
-    kernels): K up to 17, images at the smallest clamped size and ragged, several residue groups
-    per axis, both layouts, gate or not. The oracle is F.unfold with those windows."""
+    """Dilated and clamped windows and raw weights (v2's group-space kernels, the variant that runs
+    them): K up to 17, images at the smallest clamped size and ragged, several residue groups per
+    axis, both layouts, gate or not. The oracle is F.unfold with those windows."""
     cases = Cases(tmp_path)
     for n, mode in enumerate(MODES):
         d = mode["dilation"]
@@ -236,6 +247,6 @@ def test_window_conv_configurations(harness, tmp_path, dtype):
             for m, (extra_h, extra_w) in enumerate(((0, 3), (5, 22))):
                 shape = (1, 6, K * d + extra_h, K * d + extra_w, 2, K)
                 layout = ("nchw", "nhwc")[(n + m) % 2]
-                cases.add(shape, dtype, layout, (n + m + K) % 2 == 0, VARIANTS[(n + m) % len(VARIANTS)], 4.0, mode)
+                cases.add(shape, dtype, layout, (n + m + K) % 2 == 0, "v2", 4.0, mode)
     cases.add((1, 34, 18, 41, 2, 7), dtype, "nhwc", True, "v2", 4.0, dict(border="clamp"))  # chunks, tiles
     cases.run(harness)

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from sgdc_kernels import SGDC, SGE, get_backend, info, registry, sgdc_conv, unavailable_reason
-from sgdc_kernels.backends import FLOATING_ALL, Backend
+from sgdc_kernels import SGDC, SGE, get_backend, info, registry, sgdc_conv, unavailable_reason, window_conv
+from sgdc_kernels.custom_ops import FLOATING_ALL, Backend
 from sgdc_kernels.reference import unfold_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,37 +55,66 @@ def test_sge_takes_no_backend():
 # Kernel variants, with a fake backend (no GPU needed)
 # ------------------------------------------------------------------------------------------------
 
-ENV = "SGDC_FAKE_VARIANT"  # the fake_variants fixture's (tests/conftest.py)
+def test_the_default_variant_must_run_every_configuration():
+    with pytest.raises(ValueError, match="the default variant must run every configuration"):
+        Backend("x", unfold_forward, None, frozenset({"cpu"}), FLOATING_ALL, "x", ("a", "b"), frozenset({"a"}))
+    with pytest.raises(ValueError, match="default_only names unknown variants"):
+        Backend("x", unfold_forward, None, frozenset({"cpu"}), FLOATING_ALL, "x", ("a",), frozenset({"z"}))
 
 
-def test_variants_need_an_environment_variable():
-    with pytest.raises(ValueError, match="variants need a variant_env"):
-        Backend("x", unfold_forward, None, frozenset({"cpu"}), FLOATING_ALL, "x", ("a",))
+def test_a_call_carries_its_variant_to_the_backend(fake_variants):
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(1, 9, 5, 5)
+    for spec, want in (("torch", "v1"), ("torch@v2", "v2"), ("torch@v3", "v3"), ("auto", "v1")):
+        sgdc_conv(x, w, kernel_size=3, num_heads=1, backend=spec)
+        assert fake_variants.seen[-1] == want, spec
+    # two variants in one process, call after call, without any global switch
+    sgdc_conv(x, w, kernel_size=3, num_heads=1, backend="torch@v2")
+    sgdc_conv(x, w, kernel_size=3, num_heads=1, backend="torch@v1")
+    assert fake_variants.seen[-2:] == ["v2", "v1"]
 
 
-def test_the_first_variant_is_the_default(fake_variants, monkeypatch):
-    assert registry.selected_variant(fake_variants.backend) == "v1"
-    monkeypatch.setenv(ENV, "v2")
-    assert registry.selected_variant(fake_variants.backend) == "v2"
-    assert registry.selected_variant(get_backend("unfold")) is None
+def test_a_variant_that_cannot_run_a_configuration_raises(fake_variants):
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(1, 9, 6, 6)
+    with pytest.raises(ValueError, match=r"backend: 'torch@v3' runs only sgdc_conv's configuration .* torch@v1, torch@v2"):
+        window_conv(x, w, kernel_size=3, border="clamp", backend="torch@v3")
+    window_conv(x, w, kernel_size=3, border="clamp", backend="torch")
+    assert fake_variants.seen[-1] == "v1"
+    assert fake_variants.backend.variant_for(1, True, True) == "v1"
+    with pytest.raises(ValueError, match="names every variant"):
+        sgdc_conv(x, w, kernel_size=3, num_heads=1, backend="torch@all")
 
 
 def test_parse_and_expand_variants(fake_variants):
     assert registry.parse_backend("torch@v2") == ("torch", "v2")
     assert registry.parse_backend("torch") == ("torch", None)
-    assert registry.expand_variants("torch@all") == ["torch@v1", "torch@v2"]
+    assert registry.expand_variants("torch@all") == ["torch@v1", "torch@v2", "torch@v3"]
     with pytest.raises(ValueError, match="backend: unknown variant 'v9' of 'torch'; expected 'all' or one of v1, v2"):
         registry.parse_backend("torch@v9")
     with pytest.raises(ValueError, match="backend: 'unfold' has no kernel variants"):
         registry.parse_backend("unfold@v1")
     with pytest.raises(ValueError, match="backend: unknown backend 'cdua'"):
         registry.parse_backend("cdua@v1")
+    with pytest.raises(ValueError, match="backend: unknown variant 'v9' of 'torch'"):
+        sgdc_conv(torch.zeros(1, 2, 3, 3), torch.zeros(1, 9, 3, 3), kernel_size=3, num_heads=1, backend="torch@v9")
 
 
-def test_info_lists_the_variants_and_the_selected_one(fake_variants, monkeypatch):
-    assert f"variants v1, v2; selected v1 ({ENV} unset: the default, the first listed)" in info.report()
-    monkeypatch.setenv(ENV, "v2")
-    assert f"variants v1, v2; selected v2 ({ENV}=v2)" in info.report()
+def test_info_lists_the_variants(fake_variants):
+    assert (
+        "variants v1, v2, v3 (backend='torch@<variant>'; default v1; v3 run sgdc_conv's configuration only)"
+        in info.report()
+    )
+
+
+def test_the_variant_is_part_of_the_compiled_graph(fake_variants):
+    """Two variants in one compiled function: each call keeps its own."""
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(1, 9, 5, 5)
+
+    def two(x, w):
+        a = sgdc_conv(x, w, kernel_size=3, num_heads=1, backend="torch@v2")
+        return a + sgdc_conv(x, w, kernel_size=3, num_heads=1, backend="torch@v3")
+
+    torch.compile(two, fullgraph=True, backend="eager")(x, w)
+    assert fake_variants.seen[-2:] == ["v2", "v3"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,13 +153,13 @@ def test_the_module_graph_has_no_cycle():
 
     for m in sorted(modules):
         visit(m, [])
-    assert modules["backends"] == set(), "backends.py must import nothing else from the package"
+    assert modules["custom_ops"] == set(), "custom_ops.py must import nothing else from the package"
     assert "registry" not in modules["reference"] | modules["_cuda"]
 
 
 def test_importing_the_wiring_loads_no_backend():
     code = (
-        "import sys, sgdc_kernels.backends\n"
+        "import sys, sgdc_kernels.custom_ops\n"
         "backends = ('sgdc_kernels.reference', 'sgdc_kernels._cuda', 'sgdc_kernels.triton_ops')\n"
         "loaded = [m for m in backends if m in sys.modules]\n"
         "assert not loaded, loaded\n"

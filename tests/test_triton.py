@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sgdc_kernels import available_backends, get_backend, registry, sgdc_conv, window_conv
-from sgdc_kernels.backends import FLOATING_GPU
+from sgdc_kernels.custom_ops import FLOATING_GPU
 from sgdc_kernels.testing import TOLERANCES as TOL
 from sgdc_kernels.testing import (
     assert_close,

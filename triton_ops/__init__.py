@@ -8,9 +8,9 @@ slow: for testing the kernels' logic on machines without a GPU).
 
 import torch
 
-from sgdc_kernels.backends import FLOATING_GPU, Backend
+from sgdc_kernels.custom_ops import FLOATING_GPU, Backend
 
-from .sgdc_conv import INTERPRET, VARIANT_ENV, VARIANTS, sgdc_triton_backward, sgdc_triton_forward
+from .sgdc_conv import INTERPRET, VARIANTS, sgdc_triton_backward, sgdc_triton_forward
 
 BACKEND = Backend(
     "triton",
@@ -21,7 +21,6 @@ BACKEND = Backend(
     "fused Triton kernels, forward and deterministic backward"
     + (" (TRITON_INTERPRET=1: CPU tensors through the interpreter, float32)" if INTERPRET else ""),
     variants=VARIANTS,
-    variant_env=VARIANT_ENV,
 )
 
 __all__ = ["BACKEND"]

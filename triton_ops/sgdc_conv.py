@@ -74,7 +74,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from sgdc_kernels.backends import memory_format_of, register_ops
+from sgdc_kernels.custom_ops import memory_format_of, register_ops
 
 Tensor = torch.Tensor
 
@@ -87,10 +87,9 @@ INTERPRET_BLOCKS = {"BLOCK_P": 128, "BLOCK_C": 8}
 # The band kernels' smallest legal blocks (tl.dot needs every dimension >= 16).
 INTERPRET_DOT_BLOCKS = {"BW": 16, "BLOCK_C": 16}
 
-# Kernel variants, selectable at each call through SGDC_TRITON_VARIANT until a GPU has timed them;
-# the first, the default, is the one predicted fastest (bench/NOTES_triton.md).
+# Kernel variants, named by the operators' ``variant`` argument (backend="triton@v1"); the first,
+# the default, is the one predicted fastest (bench/NOTES_triton.md).
 VARIANTS = ("v2dot16", "v2dot", "v1")
-VARIANT_ENV = "SGDC_TRITON_VARIANT"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,23 +692,11 @@ def _dx_halo(blocks: dict, kernel_size: int, clamp: bool) -> int:
     return triton.next_power_of_2(blocks["BW"] + 2 * kernel_size + 5)
 
 
-def variant() -> str:
-    """The kernel family named by SGDC_TRITON_VARIANT (read at each call), by default VARIANTS[0]."""
-    name = os.environ.get(VARIANT_ENV) or VARIANTS[0]
-    if name not in VARIANTS:
-        raise ValueError(
-            f"{VARIANT_ENV}={name!r} is not a triton kernel variant; expected one of {', '.join(VARIANTS)}"
-        )
-    return name
-
-
 def kernel_family(name: str, dtype: torch.dtype) -> str:
     """The kernels variant ``name`` runs on inputs of ``dtype``: "band" (v2) or "taps" (v1)."""
+    if name not in VARIANTS:
+        raise ValueError(f"variant: {name!r} is not a triton kernel variant; expected one of {', '.join(VARIANTS)}")
     return "band" if name == "v2dot" or (name == "v2dot16" and dtype != torch.float32) else "taps"
-
-
-def _uses_band(x: Tensor) -> bool:
-    return kernel_family(variant(), x.dtype) == "band"
 
 
 def _autotuned(kernel):
@@ -791,7 +778,7 @@ def _consts(kernel_size: int, gate: Tensor | None, dilation: int, clamp: bool, s
 @triton_op("sgdc::triton_forward", mutates_args=())
 def sgdc_triton_forward(
     x: Tensor, kernel: Tensor, gate: Tensor | None,
-    kernel_size: int, num_heads: int, dilation: int, clamp: bool, softmax: bool,
+    kernel_size: int, num_heads: int, dilation: int, clamp: bool, softmax: bool, variant: str,
 ) -> Tensor:  # fmt: skip
     out = torch.empty_like(x)
     if out.numel() == 0:
@@ -799,7 +786,7 @@ def sgdc_triton_forward(
     geo = _geometry(x, kernel, num_heads)
     args = (x, kernel, gate if gate is not None else x, out, *geo)
     consts = _consts(kernel_size, gate, dilation, clamp, softmax)
-    if _uses_band(x):
+    if kernel_family(variant, x.dtype) == "band":
         blocks = _dot_blocks(geo[2], kernel_size, x.dtype)
         _launch(_sgdc_fwd_dot_kernel, _segment_grid(x, num_heads, dilation), *args, **consts, **blocks)
     elif AUTOTUNE:
@@ -813,7 +800,7 @@ def sgdc_triton_forward(
 @triton_op("sgdc::triton_backward", mutates_args=())
 def sgdc_triton_backward(
     grad_out: Tensor, x: Tensor, kernel: Tensor, gate: Tensor | None,
-    kernel_size: int, num_heads: int, dilation: int, clamp: bool, softmax: bool,
+    kernel_size: int, num_heads: int, dilation: int, clamp: bool, softmax: bool, variant: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     dx = torch.empty_like(x)
@@ -831,7 +818,7 @@ def sgdc_triton_backward(
     mode = {k: consts[k] for k in ("K", "D", "CLAMP", "SOFTMAX")}
     head_args = (grad_out, x, kernel, gate if gate is not None else x, dkernel, dgate if gate is not None else dx, g_y)
     dx_args = (g_y, kernel, lse, dx, *geo)
-    if _uses_band(x):
+    if kernel_family(variant, x.dtype) == "band":
         blocks = _dot_blocks(geo[2], kernel_size, x.dtype)
         grid = _segment_grid(x, num_heads, dilation)
         split = x.dtype != torch.float32 and softmax  # raw 16-bit weights are exact in 16 bits

@@ -1,12 +1,12 @@
-// ATen side of the sgdc::cuda_* operators: input checks, dtype/layout dispatch, the variant
-// chosen by SGDC_CUDA_VARIANT. The kernels and their launch code are in kernels.cuh.
+// ATen side of the sgdc::cuda_* operators: the checks that protect memory (sgdc_kernels.ops
+// validates every user-facing argument first), dtype/layout dispatch. The kernels and their
+// launch code are in kernels.cuh.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
 #include <optional>
 
 #include "kernels.cuh"
@@ -49,11 +49,12 @@ inline void check_operand(const char* op, const char* name, const at::Tensor& t,
               " but x has ", x.scalar_type());
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D, got ", t.dim(), "-D");
   TORCH_CHECK(t.is_contiguous(fmt), op, ": ", name, " must be dense in x's memory format (",
-              fmt, "); call sgdc_kernels.sgdc_conv, which arranges this");
+              fmt, "); call sgdc_kernels.window_conv, which arranges this");
 }
 
-// Validates the operands of the operators and returns whether they are channels_last.
-inline bool check_inputs(const char* op, const at::Tensor& x, const at::Tensor& kernel,
+// Checks what the kernels' indexing relies on (devices, dtypes, dense layouts, shapes, a window
+// that fits a clamped image) and returns whether the operands are channels_last.
+inline bool check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weights,
                          const std::optional<at::Tensor>& gate, int64_t K, int64_t G, int64_t d,
                          bool clamp) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
@@ -74,11 +75,11 @@ inline bool check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   TORCH_CHECK(x.is_contiguous(fmt), op,
-              ": x must be contiguous or channels_last; call sgdc_kernels.sgdc_conv, which arranges this");
-  check_operand(op, "kernel", kernel, x, fmt);
-  TORCH_CHECK(kernel.sizes() == at::IntArrayRef({B, G * K * K, H, W}), op,
-              ": kernel must have shape (B, num_heads*kernel_size^2, H, W) = (", B, ", ", G * K * K,
-              ", ", H, ", ", W, "), got ", kernel.sizes());
+              ": x must be contiguous or channels_last; call sgdc_kernels.window_conv, which arranges this");
+  check_operand(op, "weights", weights, x, fmt);
+  TORCH_CHECK(weights.sizes() == at::IntArrayRef({B, G * K * K, H, W}), op,
+              ": weights must have shape (B, num_heads*kernel_size^2, H, W) = (", B, ", ", G * K * K,
+              ", ", H, ", ", W, "), got ", weights.sizes());
   if (gate.has_value()) {
     check_operand(op, "gate", *gate, x, fmt);
     TORCH_CHECK(gate->sizes() == x.sizes(), op, ": gate must have x's shape ", x.sizes(), ", got ",
@@ -92,10 +93,6 @@ inline Shape shape_of(const at::Tensor& x, int64_t K, int64_t G, int64_t d, bool
                static_cast<int>(x.size(3)), static_cast<int>(G), static_cast<int>(K),
                static_cast<int>(d), clamp,              softmax};
 }
-
-// The kernel variant for this call, read from the environment each time (bench/run.py switches it
-// between rows).
-inline Variant current_variant() { return parse_variant(std::getenv(kVariantEnv)); }
 
 }  // namespace cuda_impl
 }  // namespace sgdc

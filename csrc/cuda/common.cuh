@@ -1,6 +1,6 @@
-// Pieces shared by every variant of the sgdc_conv kernels (docs/op.md defines the op).
+// Pieces shared by every variant of the window_conv kernels (docs/op.md defines the op).
 //
-// The kernel headers (common.cuh, window_v1.cuh, window_v2.cuh, kernels.cuh) depend on no ATen
+// The kernel headers (common.cuh, window_v1.cuh, window_v2.cuh, window_v3.cuh, kernels.cuh) depend on no ATen
 // header and on CUDA only through the runtime API, so tests/cuda_emu/ compiles them unchanged for
 // the host: it defines SGDC_HOST_EMULATION and provides the runtime functions, the builtin
 // variables, `__syncthreads`, `dynamic_smem` (poisoned, guard-paged shared memory) and `GlobalOut`
@@ -77,11 +77,11 @@ struct Dense4 {
 template <typename T>
 struct Params {
   const T* src;         // kForward, kGradWeights: x;  kGradInput: grad_out
-  const T* logits;      // kernel
+  const T* weights;     // per-pixel tap weights (logits when softmax)
   const T* gate;        // nullptr without gate
   const T* grad_out;    // kGradWeights
   GlobalOut<T> out;     // kForward: out;  kGradInput: dx;  kGradWeights: dgate (nullptr without gate)
-  GlobalOut<T> dkernel;  // kGradWeights
+  GlobalOut<T> dweights; // kGradWeights
   GlobalOut<float2> stats;  // (max, 1/sum) per (b, g, i, j): written by kGradWeights, read by kGradInput
   int64_t B, C;
   int H, W, G, K, Cg;
@@ -151,13 +151,13 @@ __device__ __forceinline__ float2 softmax_taps(TapsT& P, const Params<T>& p, con
   const int KK = K * K;
   if (!p.softmax) {
 #pragma unroll
-    for (int t = 0; t < KK; ++t) P[t] = static_cast<float>(p.logits[ki(b, kc0 + t, i, j)]);
+    for (int t = 0; t < KK; ++t) P[t] = static_cast<float>(p.weights[ki(b, kc0 + t, i, j)]);
     return make_float2(0.f, 1.f);
   }
   float mx = -INFINITY;
 #pragma unroll
   for (int t = 0; t < KK; ++t) {
-    const float l = static_cast<float>(p.logits[ki(b, kc0 + t, i, j)]);
+    const float l = static_cast<float>(p.weights[ki(b, kc0 + t, i, j)]);
     P[t] = l;
     mx = fmaxf(mx, l);
   }
@@ -179,7 +179,7 @@ __device__ __forceinline__ float2 softmax_taps(TapsT& P, const Params<T>& p, con
 template <typename T, bool CL>
 __device__ __forceinline__ float tap_weight(const Params<T>& p, const Dense4<CL>& ki, int64_t b,
                                             int64_t kc, int64_t sbase, int i, int j) {
-  const float l = static_cast<float>(p.logits[ki(b, kc, i, j)]);
+  const float l = static_cast<float>(p.weights[ki(b, kc, i, j)]);
   if (!p.softmax) return l;
   const float2 st = p.stats[sbase + static_cast<int64_t>(i) * p.W + j];
   return __expf(l - st.x) * st.y;

@@ -1,28 +1,25 @@
-// Host entry points of the sgdc_conv kernels on raw pointers: the forward, and the backward's two
-// passes (weights, then input), for each kernel variant. The ATen operators (sgdc_forward.cu,
-// sgdc_backward.cu) validate tensors and call these; tests/cuda_emu/ calls the very same
+// Host entry points of the window_conv kernels on raw pointers: the forward, and the backward's two
+// passes (weights, then input), for each kernel variant. The ATen operators (window_conv_forward.cu,
+// window_conv_backward.cu) check the tensors and call these; tests/cuda_emu/ calls the very same
 // functions on the host.
 #pragma once
 
-#include <cstring>
 #include <string>
 
 #include "common.cuh"
 #include "window_v1.cuh"
 #include "window_v2.cuh"
-#include "window_tc.cuh"
+#include "window_v3.cuh"
 
 namespace sgdc {
 namespace cuda_impl {
 
-// Kernel variants, selected per call by the environment variable SGDC_CUDA_VARIANT; the first
-// is the default. v1 stays until a GPU has measured both (bench/NOTES_cuda.md).
-// v3 is v2 with the forward and dx of 16-bit inputs on the tensor cores; until a GPU has checked it,
-// v2 stays the default.
+// Kernel variants, named by the operators' `variant` argument (backend "cuda@v1"); the first is
+// the default. v2 runs every configuration; v1 (one pixel per thread) and v3 (v2 with the forward
+// and dx of 16-bit inputs on the tensor cores) run sgdc_conv's configuration only.
 enum class Variant { kV2, kV3, kV1 };
 constexpr const char* kVariantNames[] = {"v2", "v3", "v1"};
 constexpr int kNumVariants = 3;
-constexpr const char* kVariantEnv = "SGDC_CUDA_VARIANT";
 
 // The variant names, comma-separated, the default first.
 inline const char* variant_list() {
@@ -34,12 +31,12 @@ inline const char* variant_list() {
   return names.c_str();
 }
 
-// The variant that `name` (the environment variable's value; null or empty: the default) names.
-inline Variant parse_variant(const char* name) {
-  if (name == nullptr || name[0] == '\0') return static_cast<Variant>(0);
+// The variant that `name` names; empty: the default.
+inline Variant parse_variant(const std::string& name) {
+  if (name.empty()) return static_cast<Variant>(0);
   for (int v = 0; v < kNumVariants; ++v)
-    if (std::strcmp(name, kVariantNames[v]) == 0) return static_cast<Variant>(v);
-  TORCH_CHECK(false, "sgdc::cuda: ", kVariantEnv, "=", name, " is not a kernel variant; expected one of ",
+    if (name == kVariantNames[v]) return static_cast<Variant>(v);
+  TORCH_CHECK(false, "variant: '", name, "' is not a kernel variant of the cuda backend; expected one of ",
               variant_list());
 }
 
@@ -69,11 +66,20 @@ Params<T> make_params(const Shape& s) {
   return p;
 }
 
-// v1 and v3 compute sgdc_conv's configuration only; v2 runs every configuration (dilated and
-// clamped windows in group space, raw weights), so the others hand those to it.
+// Whether `variant` computes the configuration of `s`: v2 runs every one (dilated and clamped
+// windows in group space, raw weights), v1 and v3 sgdc_conv's only.
+inline bool variant_runs(Variant variant, const Shape& s) {
+  return variant == Variant::kV2 || (s.d == 1 && !s.clamp && s.softmax);
+}
+
+inline void check_variant(Variant variant, const Shape& s) {
+  TORCH_CHECK(variant_runs(variant, s), "variant: ", kVariantNames[static_cast<int>(variant)],
+              " runs only sgdc_conv's configuration (dilation 1, zero border, softmax); got dilation ", s.d,
+              s.clamp ? ", clamped windows" : "", s.softmax ? "" : ", raw weights", "; use v2");
+}
+
 template <Mode M, typename T, bool CL>
 void launch(Variant variant, const Params<T>& p, cudaStream_t stream) {
-  if (p.d != 1 || p.clamp || !p.softmax) variant = Variant::kV2;
   switch (variant) {
     case Variant::kV1: return v1::launch_v1<M, T, CL>(p, stream);
     case Variant::kV3: return v3::launch_v3<M, T, CL>(p, stream);
@@ -81,13 +87,14 @@ void launch(Variant variant, const Params<T>& p, cudaStream_t stream) {
   }
 }
 
-// out = sgdc_conv(x, kernel, gate); gate may be null.
+// out = window_conv(x, weights, gate); gate may be null.
 template <typename T, bool CL>
-void run_forward(Variant variant, const Shape& s, const T* x, const T* kernel, const T* gate, T* out,
+void run_forward(Variant variant, const Shape& s, const T* x, const T* weights, const T* gate, T* out,
                  cudaStream_t stream) {
+  check_variant(variant, s);
   Params<T> p = make_params<T>(s);
   p.src = x;
-  p.logits = kernel;
+  p.weights = weights;
   p.gate = gate;
   p.out = out;
   launch<Mode::kForward, T, CL>(variant, p, stream);
@@ -98,20 +105,21 @@ inline size_t backward_workspace_bytes(const Shape& s) {
   return sizeof(float2) * static_cast<size_t>(s.B) * s.G * s.H * s.W;
 }
 
-// dx, dkernel and dgate (null without gate) of sgdc_conv; stats is the workspace.
+// dx, dweights and dgate (null without gate) of window_conv; stats is the workspace.
 template <typename T, bool CL>
-void run_backward(Variant variant, const Shape& s, const T* grad_out, const T* x, const T* kernel,
-                  const T* gate, T* dx, T* dkernel, T* dgate, float2* stats, cudaStream_t stream) {
+void run_backward(Variant variant, const Shape& s, const T* grad_out, const T* x, const T* weights,
+                  const T* gate, T* dx, T* dweights, T* dgate, float2* stats, cudaStream_t stream) {
+  check_variant(variant, s);
   Params<T> p = make_params<T>(s);
-  p.logits = kernel;
+  p.weights = weights;
   p.gate = gate;
   p.stats = stats;
 
-  Params<T> pw = p;  // dkernel, dgate, stats
+  Params<T> pw = p;  // dweights, dgate, stats
   pw.src = x;
   pw.grad_out = grad_out;
   pw.out = gate != nullptr ? dgate : nullptr;
-  pw.dkernel = dkernel;
+  pw.dweights = dweights;
   launch<Mode::kGradWeights, T, CL>(variant, pw, stream);
 
   Params<T> pi = p;  // dx

@@ -1,5 +1,6 @@
-// v1 of the sgdc_conv kernels: one pixel per thread (kept, selectable as SGDC_CUDA_VARIANT=v1,
-// until a GPU has measured it against v2; see bench/NOTES_cuda.md).
+// Variant v1 of the window_conv kernels (backend "cuda@v1"): one pixel per thread, sgdc_conv's
+// configuration only (dilation 1, zero border, softmax). Its predicted speed against v2:
+// bench/NOTES_cuda.md.
 //
 // One templated kernel, `window_v1`, does all three passes. A block owns a TH x TW pixel tile of
 // one (batch, head); each thread owns one pixel and keeps that pixel's K*K tap weights in
@@ -9,7 +10,7 @@
 //
 //   kForward      out[c,p]  = sigmoid(gate[c,p]) * sum_t P[t,p] * x[c, p+off_t]
 //   kGradWeights  dP[t,p]   = sum_c g_y[c,p] * x[c, p+off_t]  (g_y = dout * sigmoid(gate)),
-//                 dkernel   = P * (dP - sum_t P dP),  dgate = dout * y * s * (1-s),
+//                 dweights   = P * (dP - sum_t P dP),  dgate = dout * y * s * (1-s),
 //                 and the softmax statistics (max, 1/sum) of every pixel for the next pass
 //   kGradInput    dx[c,q]   = sum_t P[t, q-off_t] * g_y[c, q-off_t]: the forward window with the
 //                 taps flipped, run over g_y, with weights rebuilt from the logits and statistics
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(TH * TW) window_v1(const Params<T> p) {
     for (int t = 0; t < KK; ++t) pdp = fmaf(P[t], dP[t], pdp);
 #pragma unroll
     for (int t = 0; t < KK; ++t)
-      p.dkernel[ki(b, kc0 + t, i, j)] = static_cast<T>(P[t] * (dP[t] - pdp));
+      p.dweights[ki(b, kc0 + t, i, j)] = static_cast<T>(P[t] * (dP[t] - pdp));
     p.stats[sbase + static_cast<int64_t>(i) * p.W + j] = stats;
   }
 }

@@ -1,9 +1,9 @@
-// v2 of the sgdc_conv kernels (SGDC_CUDA_VARIANT=v2, the default). What changed from v1 and why is
-// in bench/NOTES_cuda.md; in short:
+// Variant v2 of the window_conv kernels (backend "cuda@v2", the default): it runs every
+// configuration. The design and its predicted speed: bench/NOTES_cuda.md. In short:
 //
 // - Every cooperative copy between global and shared memory issues kBatch independent global
-//   loads per thread before it stores any of them (v1 chained load -> store per element), and
-//   runs in the memory order of the layout (pixel-fastest NCHW, channel-fastest channels_last).
+//   loads per thread before it stores any of them, and runs in the memory order of the layout
+//   (pixel-fastest NCHW, channel-fastest channels_last).
 // - A chunk is one 32-byte sector of a channels_last pixel (8 fp32 or 16 16-bit channels).
 // - window_v2 (forward and dx): each thread owns PX = 2 adjacent pixels of a row, so one row of
 //   the halo, read with 8-byte loads, feeds both pixels' K taps: K+1 shared loads per 2K FMAs
@@ -11,11 +11,12 @@
 //   and the results leave through the same staging tile in the layout's memory order, so
 //   channels_last stores are whole sectors.
 // - grad_weights_v2: g_y = dout * sigmoid(gate) and sigmoid(gate) of the chunk are loaded into
-//   shared memory with its x halo (v1 waited on gate -> sigmoid -> dout per channel); dgate
-//   and dkernel leave through staging tiles in the layout's memory order; 3 blocks of 128
-//   threads fit an SM (v1: one block of 256).
+//   shared memory with its x halo; dgate and dweights leave through staging tiles in the
+//   layout's memory order; 3 blocks of 128 threads fit an SM.
+// - Dilated and clamped windows run in group space (one residue class of rows and columns is an
+//   undilated image); their dx has its own gather kernel, grad_input_general.
 //
-// Passes (docs/op.md): kForward out = s * sum_t P[t] x[p+off_t]; grad_weights dP, dkernel, dgate
+// Passes (docs/op.md): kForward out = s * sum_t P[t] x[p+off_t]; grad_weights dP, dweights, dgate
 // and the softmax statistics; kGradInput dx[q] = sum_t P[t, q-off_t] g_y[q-off_t].
 #pragma once
 
@@ -225,7 +226,7 @@ __global__ void __launch_bounds__(TH * TWT, KT > 0 ? kBlocksPerSM : 1) window_v2
   }
 }
 
-// dP, dkernel, dgate and the softmax statistics: one pixel per thread of a TH x TW tile.
+// dP, dweights, dgate and the softmax statistics: one pixel per thread of a TH x TW tile.
 template <int KT, int TH, int TW, typename T, bool CL>
 __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weights_v2(const Params<T> p) {
   constexpr int NT = TH * TW, TP = TH * TW, CH = chunk<T, CL>();
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
   float* tile = taps + (KT > 0 ? 0 : 2 * KK * NT);  // [CH][NP]: x with the halo
   float* gyt = tile + CH * NP;          // [CH][TP]: g_y = dout * sigmoid(gate)
   float* st = gyt + CH * TP;            // [CH][TP]: sigmoid(gate), then dgate (gated only)
-  float* dks = tile;                    // after the channel loop: [KK][TP] dkernel
+  float* dks = tile;                    // after the channel loop: [KK][TP] dweights
 
   const auto [tile_id, g, b] = block_place(p);
   const auto [ai, aj, i0, j0] = block_tile<KT == 0>(p, tile_id, TH, TW);  // as window_v2
@@ -335,7 +336,7 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
     }
   }
 
-  // dkernel = P (dP - sum_t P dP) (dP itself without the softmax), staged so that both layouts store whole sectors (in
+  // dweights = P (dP - sum_t P dP) (dP itself without the softmax), staged so that both layouts store whole sectors (in
   // channels_last a pixel's K*K taps are contiguous, and 49 stores of one thread would each hit
   // another sector of every lane).
   __syncthreads();  // the last chunk's tiles are consumed
@@ -347,7 +348,7 @@ __global__ void __launch_bounds__(TH * TW, KT > 0 ? kBlocksPerSM : 1) grad_weigh
     for (int t = 0; t < KK; ++t) dks[t * TP + tid] = p.softmax ? P[t] * (dP[t] - pdp) : dP[t];
   }
   __syncthreads();
-  store_tile<TH, TW, CL, NT>(p.dkernel, dks, KK, ki, b, kc0, KK, ai, i0, aj, j0, tid);
+  store_tile<TH, TW, CL, NT>(p.dweights, dks, KK, ki, b, kc0, KK, ai, i0, aj, j0, tid);
 }
 
 // dx for dilated or clamped windows (window_v2 computes the centred, undilated one with flipped

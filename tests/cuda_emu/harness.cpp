@@ -1,4 +1,4 @@
-// Runs the sgdc_conv CUDA kernels (csrc/cuda/kernels.cuh, compiled unchanged for the host through
+// Runs the window_conv CUDA kernels (csrc/cuda/kernels.cuh, compiled unchanged for the host through
 // cuda_emu.h) on the cases that tests/test_cuda_on_cpu.py writes, and writes their results back.
 //
 //   harness DIR      reads DIR/cases.txt, one case a line:
@@ -9,7 +9,7 @@
 //
 // Each case runs forward and backward three times, with the threads of every block in forward,
 // reverse and random order; the three results must be bitwise equal, and every element of every
-// output (out, dx, dkernel, dgate, the softmax statistics) must have been stored exactly once in
+// output (out, dx, dweights, dgate, the softmax statistics) must have been stored exactly once in
 // each run. Prints "start <id>" before a case and "ok <id>" or "FAIL <id>: why" after it; a crash
 // (out-of-bounds access, divergent barrier) prints "EMULATION FAILURE: ..." and exits with 3.
 #include "cuda_emu.h"
@@ -69,7 +69,7 @@ std::string run_case(const Case& c, const std::string& dir) {
   const size_t nx = static_cast<size_t>(s.B) * s.C * s.H * s.W;
   const size_t nk = static_cast<size_t>(s.B) * s.G * s.K * s.K * s.H * s.W;
   const std::string base = dir + "/" + c.id;
-  emu::Buffer<T> x("x", nx, false), k("kernel", nk, false), dout("grad_out", nx, false);
+  emu::Buffer<T> x("x", nx, false), k("weights", nk, false), dout("grad_out", nx, false);
   std::unique_ptr<emu::Buffer<T>> g;
   std::memcpy(x.data, read_file(base + ".x", nx * sizeof(T)).data(), nx * sizeof(T));
   std::memcpy(k.data, read_file(base + ".k", nk * sizeof(T)).data(), nk * sizeof(T));
@@ -78,13 +78,13 @@ std::string run_case(const Case& c, const std::string& dir) {
     g = std::make_unique<emu::Buffer<T>>("gate", nx, false);
     std::memcpy(g->data, read_file(base + ".g", nx * sizeof(T)).data(), nx * sizeof(T));
   }
-  const Variant variant = parse_variant(c.variant.c_str());
+  const Variant variant = parse_variant(c.variant);
   const emu::Order orders[] = {emu::Order::kForward, emu::Order::kReverse, emu::Order::kRandom};
   const char* order_names[] = {"forward", "reverse", "random"};
   std::vector<std::vector<T>> first;
   for (int o = 0; o < 3; ++o) {
     emu::order() = orders[o];
-    emu::Buffer<T> out("out", nx, true), dx("dx", nx, true), dk("dkernel", nk, true);
+    emu::Buffer<T> out("out", nx, true), dx("dx", nx, true), dk("dweights", nk, true);
     std::unique_ptr<emu::Buffer<T>> dg;
     if (c.gate) dg = std::make_unique<emu::Buffer<T>>("dgate", nx, true);
     const size_t nstats = backward_workspace_bytes(s) / sizeof(float2);
@@ -100,7 +100,7 @@ std::string run_case(const Case& c, const std::string& dir) {
                         dg ? dg->data : nullptr, stats.data, nullptr);
     std::string err = check_stores(out, "out");
     if (err.empty()) err = check_stores(dx, "dx");
-    if (err.empty()) err = check_stores(dk, "dkernel");
+    if (err.empty()) err = check_stores(dk, "dweights");
     if (err.empty() && dg) err = check_stores(*dg, "dgate");
     if (err.empty()) err = check_stores(stats, "stats");
     if (!err.empty()) return err + " (" + order_names[o] + " thread order)";
@@ -110,7 +110,7 @@ std::string run_case(const Case& c, const std::string& dir) {
     if (o == 0) {
       first = results;
     } else {
-      const char* names[] = {"out", "dx", "dkernel", "dgate"};
+      const char* names[] = {"out", "dx", "dweights", "dgate"};
       for (size_t r = 0; r < results.size(); ++r)
         if (std::memcmp(results[r].data(), first[r].data(), results[r].size() * sizeof(T)) != 0)
           return std::string(names[r]) + " differs bitwise between the forward and " + order_names[o] +

@@ -1,4 +1,4 @@
-// CUDA implementation of sgdc::cuda_forward (schema in csrc/sgdc_conv.cpp).
+// CUDA implementation of sgdc::cuda_forward (schema in csrc/window_conv.cpp).
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
@@ -9,21 +9,22 @@ namespace {
 
 using namespace cuda_impl;
 
-at::Tensor cuda_forward(const at::Tensor& x, const at::Tensor& kernel,
+at::Tensor cuda_forward(const at::Tensor& x, const at::Tensor& weights,
                         const std::optional<at::Tensor>& gate, int64_t kernel_size,
-                        int64_t num_heads, int64_t dilation, bool clamp, bool softmax) {
+                        int64_t num_heads, int64_t dilation, bool clamp, bool softmax,
+                        c10::string_view variant_name) {
   const bool cl =
-      check_inputs("sgdc::cuda_forward", x, kernel, gate, kernel_size, num_heads, dilation, clamp);
+      check_inputs("sgdc::cuda_forward", x, weights, gate, kernel_size, num_heads, dilation, clamp);
+  const Variant variant = parse_variant(std::string(variant_name));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   if (out.numel() == 0) return out;
-  const Variant variant = current_variant();
   dispatch(x.scalar_type(), cl, [&](auto tag, auto layout) {
     using T = decltype(tag);
     run_forward<T, decltype(layout)::value>(variant,
                                             shape_of(x, kernel_size, num_heads, dilation, clamp, softmax),
                                             ptr<T>(x),
-                                            ptr<T>(kernel), gate.has_value() ? ptr<T>(*gate) : nullptr,
+                                            ptr<T>(weights), gate.has_value() ? ptr<T>(*gate) : nullptr,
                                             mut_ptr<T>(out), c10::cuda::getCurrentCUDAStream());
   });
   return out;
@@ -35,7 +36,7 @@ TORCH_LIBRARY_IMPL(sgdc, CUDA, m) { m.impl("cuda_forward", &cuda_forward); }
 
 }  // namespace sgdc
 
-// Build information, read by csrc/sgdc_conv.cpp. nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900)
+// Build information, read by csrc/window_conv.cpp. nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900)
 // in every compilation pass; it lists the architectures this file was compiled for.
 namespace sgdc {
 namespace cuda_impl {

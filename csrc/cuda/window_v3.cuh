@@ -1,6 +1,6 @@
-// v3 of the sgdc_conv kernels (SGDC_CUDA_VARIANT=v3): v2, with the forward and dx of 16-bit inputs
-// on the tensor cores for K <= 9 (other dtypes and K, and the weight gradients, are v2's). Why and
-// the predictions: bench/NOTES_cuda.md.
+// Variant v3 of the window_conv kernels (backend "cuda@v3"): v2, with the forward and dx of 16-bit
+// inputs on the tensor cores for K <= 9 (other dtypes and K, and the weight gradients, are v2's);
+// sgdc_conv's configuration only. The design and its predicted speed: bench/NOTES_cuda.md.
 //
 // The "dense halo" formulation: for one image row of 8 output pixels (an n-tile) and 16 channels
 // (an m-tile), and each tap row u, out (16 x 8) += X_u (16 channels x 16 halo columns) @ Band_u
@@ -164,7 +164,7 @@ constexpr size_t smem_bytes(int K) {
 // logit and softmax statistics. g_y is split like the weights: head x head, head x remainder and
 // remainder x head (three products; two without a gate, where g_y = dout is exact).
 template <Mode M, int KT, typename T, bool CL>
-__global__ void __launch_bounds__(kWarps * 32, 1) window_tc(const Params<T> p) {
+__global__ void __launch_bounds__(kWarps * 32, 1) window_v3(const Params<T> p) {
   static_assert(M != Mode::kGradWeights, "the weight gradients stay on v2's kernel");
   static_assert(KT >= 1 && KT <= kMaxK && KT % 2 == 1, "the tensor-core kernels cover odd K <= 9");
   constexpr bool kDx = M == Mode::kGradInput;
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) window_tc(const Params<T> p) {
             const int pi = i0 + warp - u + R, pj = j0 - 4 + 8 * nt + k;  // the output pixel p
             if (v >= 0 && v < KT && pi >= 0 && pi < p.H && pj >= 0 && pj < p.W) {
               const float2 st = p.stats[sbase + static_cast<int64_t>(pi) * p.W + pj];
-              w = __expf(static_cast<float>(p.logits[ki(b, kc0 + u * KT + v, pi, pj)]) - st.x) * st.y;
+              w = __expf(static_cast<float>(p.weights[ki(b, kc0 + u * KT + v, pi, pj)]) - st.x) * st.y;
             }
           } else {
             const int v = k - gid + R - 4;
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) window_tc(const Params<T> p) {
 template <Mode M, int KT, typename T, bool CL>
 void launch_tc(Params<T> p, cudaStream_t stream) {
   const int64_t blocks = set_tiles(p, kWarps, kTW);
-  launch_kernel(window_tc<M, KT, T, CL>, blocks, kWarps * 32, smem_bytes<M, T>(KT), stream, p, KT);
+  launch_kernel(window_v3<M, KT, T, CL>, blocks, kWarps * 32, smem_bytes<M, T>(KT), stream, p, KT);
 }
 
 // Whether the tensor-core kernels run: 16-bit inputs, odd K <= 9, a GPU of compute capability 8.0

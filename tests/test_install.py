@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sgdc_kernels
-from sgdc_kernels import BackendUnavailableError, _cuda, _layout, registry
+from sgdc_kernels import BackendUnavailableError, _cuda, _install, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SO = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -41,12 +41,12 @@ def _fake_install(tmp_path, with_extension: bool = True) -> str:
 def test_a_checkout_without_the_extension_names_the_installed_copy_and_the_fixes(tmp_path, monkeypatch):
     here = _fake_checkout(tmp_path, with_extension=False)
     installed = _fake_install(tmp_path)
-    monkeypatch.setattr(_layout, "PACKAGE_DIR", here)
-    monkeypatch.setattr(_layout, "installed_copy", lambda: installed)
-    note = _layout.shadowed_install_note()
+    monkeypatch.setattr(_install, "PACKAGE_DIR", here)
+    monkeypatch.setattr(_install, "installed_copy", lambda: installed)
+    note = _install.shadowed_install_note()
     assert here in note and installed in note
     assert "Run from another directory" in note and "pip install --no-build-isolation -e ." in note
-    assert _layout.describe() == f"{here} (source checkout, imported instead of the installed copy {installed})"
+    assert _install.describe() == f"{here} (source checkout, imported instead of the installed copy {installed})"
     # the cuda backend gives the same reason, whatever the machine has
     monkeypatch.setattr(_cuda, "_find_extension", lambda: None)
     with pytest.raises(BackendUnavailableError) as exc:
@@ -58,25 +58,25 @@ def test_a_checkout_without_the_extension_names_the_installed_copy_and_the_fixes
 def test_no_note_when_nothing_is_shadowed(tmp_path, monkeypatch, checkout_has_it, installed_has_it):
     here = _fake_checkout(tmp_path, with_extension=checkout_has_it)
     installed = _fake_install(tmp_path, with_extension=installed_has_it)
-    monkeypatch.setattr(_layout, "PACKAGE_DIR", here)
-    monkeypatch.setattr(_layout, "installed_copy", lambda: installed)
-    assert _layout.shadowed_install_note() is None
+    monkeypatch.setattr(_install, "PACKAGE_DIR", here)
+    monkeypatch.setattr(_install, "installed_copy", lambda: installed)
+    assert _install.shadowed_install_note() is None
 
 
 def test_describe_an_editable_and_a_regular_install(tmp_path, monkeypatch):
     here = _fake_checkout(tmp_path, with_extension=True)
-    monkeypatch.setattr(_layout, "PACKAGE_DIR", here)
-    monkeypatch.setattr(_layout, "installed_copy", lambda: here)
-    assert _layout.describe() == f"{here} (source checkout, editable install)"
+    monkeypatch.setattr(_install, "PACKAGE_DIR", here)
+    monkeypatch.setattr(_install, "installed_copy", lambda: here)
+    assert _install.describe() == f"{here} (source checkout, editable install)"
     site = _fake_install(tmp_path)
-    monkeypatch.setattr(_layout, "PACKAGE_DIR", site)
-    monkeypatch.setattr(_layout, "installed_copy", lambda: site)
-    assert _layout.describe() == f"{site} (installed, not editable)"
+    monkeypatch.setattr(_install, "PACKAGE_DIR", site)
+    monkeypatch.setattr(_install, "installed_copy", lambda: site)
+    assert _install.describe() == f"{site} (installed, not editable)"
 
 
 def test_auto_warns_once_when_it_skips_a_shadowed_extension(monkeypatch):
     note = "the source tree is imported instead of the installed copy"
-    monkeypatch.setattr(_layout, "shadowed_install_note", lambda: note)
+    monkeypatch.setattr(_install, "shadowed_install_note", lambda: note)
     monkeypatch.setitem(registry._LOADED, "cuda", BackendUnavailableError("no"))
     monkeypatch.setattr(registry, "_WARNED_SHADOWED", [])
     with pytest.warns(UserWarning, match="backend 'auto' skips 'cuda': " + note):
@@ -85,7 +85,7 @@ def test_auto_warns_once_when_it_skips_a_shadowed_extension(monkeypatch):
 
 def test_info_says_which_copy_is_loaded():
     out = subprocess.run([sys.executable, "-m", "sgdc_kernels.info"], capture_output=True, text=True, check=True).stdout
-    assert f"loaded from {_layout.describe()}" in out
+    assert f"loaded from {_install.describe()}" in out
     assert os.path.realpath(os.path.dirname(sgdc_kernels.__file__)) in out
 
 

@@ -4,7 +4,7 @@
 
 namespace sgdc {
 namespace cuda_impl {
-const char* compiled_arch_list();  // defined in cuda/sgdc_forward_kernel.cu
+const char* compiled_arch_list();  // defined in cuda/window_conv_forward.cu
 int compiled_cuda_version();
 const char* compiled_variant_list();  // kernel variants, the default first
 }  // namespace cuda_impl
@@ -13,16 +13,16 @@ const char* compiled_variant_list();  // kernel variants, the default first
 // FRAGMENT: the Python backends define sgdc::torch_* and sgdc::triton_* in the same namespace.
 TORCH_LIBRARY_FRAGMENT(sgdc, m) {
   // Fake kernels and autograd are registered from Python when `import sgdc_kernels._C` runs
-  // sgdc_kernels._cuda._register(); the fakes themselves live in sgdc_kernels.backends (torch
+  // sgdc_kernels._cuda._register(); the fakes themselves live in sgdc_kernels.custom_ops (torch
   // checks that the module named here is where the fake implementation was defined).
-  m.set_python_module("sgdc_kernels.backends", "import sgdc_kernels._C registers them");
-  // The schemas of sgdc_kernels.backends (FORWARD_SCHEMA, BACKWARD_SCHEMA).
+  m.set_python_module("sgdc_kernels.custom_ops", "import sgdc_kernels._C registers them");
+  // The schemas of sgdc_kernels.custom_ops (FORWARD_SCHEMA, BACKWARD_SCHEMA).
   m.def(
-      "cuda_forward(Tensor x, Tensor kernel, Tensor? gate, int kernel_size, int num_heads, "
-      "int dilation, bool clamp, bool softmax) -> Tensor");
+      "cuda_forward(Tensor x, Tensor weights, Tensor? gate, int kernel_size, int num_heads, "
+      "int dilation, bool clamp, bool softmax, str variant) -> Tensor");
   m.def(
-      "cuda_backward(Tensor grad_out, Tensor x, Tensor kernel, Tensor? gate, int kernel_size, "
-      "int num_heads, int dilation, bool clamp, bool softmax) -> (Tensor, Tensor, Tensor)");
+      "cuda_backward(Tensor grad_out, Tensor x, Tensor weights, Tensor? gate, int kernel_size, "
+      "int num_heads, int dilation, bool clamp, bool softmax, str variant) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifdef SGDC_PYTHON_MODULE
@@ -36,7 +36,7 @@ TORCH_LIBRARY_FRAGMENT(sgdc, m) {
 // A Python module with no functions: importing it loads this library, whose static initializers
 // register the operators; it then hands them to sgdc_kernels._cuda for fakes and autograd.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "sgdc_conv CUDA kernels", -1,
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "window_conv CUDA kernels", -1,
                                    nullptr};
   PyObject* module = PyModule_Create(&def);
   if (module == nullptr) return nullptr;
