@@ -16,6 +16,7 @@ the chosen backend and with `unfold` (the F.unfold + replicate-pad formulation).
 """
 
 import argparse
+import platform
 import time
 
 import torch
@@ -108,6 +109,13 @@ def time_forward_backward(block, x, ctx, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def machine(device: str) -> str:
+    """What the timings ran on, in words."""
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"the CPU, {torch.get_num_threads()} threads ({platform.machine()}, torch {torch.__version__})"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES), help="default: auto")
@@ -134,12 +142,20 @@ def main(argv=None):
           f"x {tuple(x.shape)} -> out {tuple(out.shape)}")  # fmt: skip
     error = check_against_the_definition(block, x, ctx)
     print(f"both na2d_av calls match the float64 definition (largest difference {error:.1e})")
+    print(f"timing on {machine(device)}, float32, one run:")
     for backend in dict.fromkeys([args.backend, "unfold"]):
         block.backend = backend
         ms = time_forward_backward(block, x, ctx, args.repeats)
         name = resolve_backend(backend, device, x.dtype)
         label = backend if name == backend else f"{backend} ({name})"
         print(f"forward+backward of the block, backend {label}: {ms:.2f} ms (median of {args.repeats})")
+    if device == "cpu":
+        print(
+            "note: on a CPU, backend 'torch' makes one pass over memory per tap (13*13 for the large "
+            "kernel, gathered rows and columns for its clamped windows), so it may be no faster than "
+            "unfold here; the fused kernels run on NVIDIA GPUs. A single timing on a shared machine "
+            "is noisy: python bench/run.py --shapes overlock measures with medians and spread."
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Which copy of the package is running, and where its compiled and Triton parts are.
+"""Which installed copy of the package is running, and where its compiled and Triton parts are.
 
 In the repository, ``sgdc_kernels/``, ``triton_ops/`` and ``csrc/`` sit side by side; an install
 maps ``triton_ops/`` to ``sgdc_kernels.triton_ops`` and compiles ``csrc/`` into
@@ -31,10 +31,16 @@ def checkout_root() -> str | None:
 
 
 def _distribution() -> importlib.metadata.Distribution | None:
-    try:
-        return importlib.metadata.distribution(DIST)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """The installed distribution. A regular install (``pip install .``) leaves its build metadata,
+    ``sgdc_kernels.egg-info``, in the checkout; run from the repository root, importlib.metadata
+    finds that first, though it describes no install: it is skipped."""
+    root = checkout_root()
+    for dist in importlib.metadata.distributions(name=DIST):
+        base = os.path.realpath(str(dist.locate_file("")))
+        if root is not None and base == os.path.realpath(root) and _editable_root(dist) is None:
+            continue
+        return dist
+    return None
 
 
 def _editable_root(dist: importlib.metadata.Distribution) -> str | None:

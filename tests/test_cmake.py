@@ -50,5 +50,5 @@ def test_cmake_builds_a_library_that_registers_the_operators(tmp_path):
         "print(torch.ops.sgdc.cuda_backward.default._schema)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(lib)], check=True, capture_output=True, text=True).stdout
-    assert "sgdc::cuda_forward(Tensor x, Tensor kernel, Tensor? gate" in out
+    assert "sgdc::cuda_forward(Tensor x, Tensor weights, Tensor? gate" in out
     assert "sgdc::cuda_backward(Tensor grad_out" in out

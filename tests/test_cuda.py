@@ -37,17 +37,16 @@ def _variants() -> list[str]:
     try:
         return importlib.import_module("sgdc_kernels._C").VARIANTS.split(",")
     except ImportError:
-        return ["default"]  # the GPU tests skip without the extension anyway
+        return ["v2"]  # the GPU tests skip without the extension anyway
 
 
 VARIANTS = _variants()
 
 
 @pytest.fixture(params=VARIANTS)
-def variant(request, monkeypatch):
-    """Each GPU test runs once per kernel variant (SGDC_CUDA_VARIANT, read by every call)."""
-    if request.param != "default":
-        monkeypatch.setenv("SGDC_CUDA_VARIANT", request.param)
+def variant(request):
+    """Each GPU test that takes it runs once per kernel variant: the operators' ``variant``
+    argument, or ``backend=f"cuda@{variant}"``."""
     return request.param
 
 
@@ -110,10 +109,10 @@ def test_fake_kernels_and_autograd(channels_last, gate, dtype):
     _extension()
     with FakeTensorMode():
         x, k, g = _fake_inputs(2, 8, 5, 6, 2, 3, gate, channels_last, dtype)
-        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True)
+        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True, "v2")
         assert out.shape == x.shape and out.stride() == x.stride() and out.dtype == dtype
         assert out.device.type == "cuda"
-        dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2, 1, False, True)
+        dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2, 1, False, True, "v2")
         assert dx.stride() == x.stride() and dk.stride() == k.stride()
         assert dk.shape == k.shape and dk.dtype == dtype
         if gate:
@@ -123,7 +122,7 @@ def test_fake_kernels_and_autograd(channels_last, gate, dtype):
         # Autograd through the registered backward; the engine needs a real CUDA device for
         # fake CUDA tensors, so this part runs on fake meta tensors.
         x, k, g = _fake_inputs(2, 8, 5, 6, 2, 3, gate, channels_last, dtype, device="meta")
-        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True)
+        out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True, "v2")
         grads = torch.autograd.grad(out.sum(), [t for t in (x, k, g) if t is not None])
         for grad, leaf in zip(grads, (x, k, g)):
             assert grad.shape == leaf.shape and grad.stride() == leaf.stride()
@@ -133,7 +132,7 @@ def test_operators_reject_cpu_tensors():
     _extension()
     x, k = torch.randn(1, 4, 3, 3), torch.randn(1, 4 * 9, 3, 3)
     with pytest.raises((NotImplementedError, RuntimeError)):
-        torch.ops.sgdc.cuda_forward(x, k, None, 3, 4)
+        torch.ops.sgdc.cuda_forward(x, k, None, 3, 4, 1, False, True, "v2")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -177,7 +176,7 @@ def _inputs(shape, dtype, channels_last, gate, device="cuda"):
 @pytest.mark.parametrize("gate", [True, False], ids=["gate", "nogate"])
 def test_matches_float64_reference(shape, dtype, channels_last, gate, variant):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    check_backend("cuda", shape, dtype, "cuda", gate=gate, memory_format=fmt)
+    check_backend(f"cuda@{variant}", shape, dtype, "cuda", gate=gate, memory_format=fmt)
 
 
 WINDOW_MODES = [
@@ -193,8 +192,8 @@ WINDOW_MODES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_window_conv_configurations(mode, K, dtype, channels_last):
-    """Dilated and clamped windows and raw weights, with the default variant (the others hand these
-    configurations to v2: test_variants_hand_configurations_to_v2)."""
+    """Dilated and clamped windows and raw weights, with the default variant, the one that runs them
+    (the others refuse them: test_variants_refuse_configurations_they_do_not_run)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     d = mode["dilation"]
     shape = (2, 24, K * d + 5, K * d + 19, 2, K)
@@ -202,19 +201,31 @@ def test_window_conv_configurations(mode, K, dtype, channels_last):
 
 
 @requires_gpu
-def test_variants_hand_configurations_to_v2(monkeypatch):
+def test_variants_refuse_configurations_they_do_not_run():
     x, k, g = _inputs((1, 16, 14, 15, 2, 5), torch.bfloat16, True, True)
-    dout = torch.randn_like(x)
     config = (5, 2, 1, True, False)
-    results = {}
     for v in VARIANTS:
-        if v != "default":
-            monkeypatch.setenv("SGDC_CUDA_VARIANT", v)
-        out = torch.ops.sgdc.cuda_forward(x, k, g, *config)
-        results[v] = (out, *torch.ops.sgdc.cuda_backward(dout, x, k, g, *config))
-    first = next(iter(results.values()))
-    for v, got in results.items():
-        assert all(torch.equal(a, b) for a, b in zip(got, first)), v
+        if v == "v2":
+            torch.ops.sgdc.cuda_forward(x, k, g, *config, v)
+            continue
+        with pytest.raises(RuntimeError, match=f"variant: {v} runs only sgdc_conv's configuration"):
+            torch.ops.sgdc.cuda_forward(x, k, g, *config, v)
+        with pytest.raises(ValueError, match=f"backend: 'cuda@{v}' runs only sgdc_conv's configuration"):
+            sgdc_kernels.window_conv(x, k, g, kernel_size=5, num_heads=2, border="clamp", backend=f"cuda@{v}")
+
+
+@requires_gpu
+def test_two_variants_in_one_process_and_one_graph():
+    x, k, g = _inputs((1, 16, 14, 15, 2, 5), torch.float32, False, True)
+
+    def both(x, k, g):
+        return [sgdc_conv(x, k, g, kernel_size=5, num_heads=2, backend=f"cuda@{v}") for v in VARIANTS]
+
+    eager = both(x, k, g)
+    compiled = torch.compile(both, fullgraph=True)(x, k, g)
+    for v, a, b in zip(VARIANTS, eager, compiled):
+        torch.testing.assert_close(a, b, msg=v)
+        torch.testing.assert_close(a, eager[0], atol=1e-5, rtol=1e-5, msg=v)
 
 
 @requires_gpu
@@ -237,40 +248,44 @@ def test_na2d_av_on_the_gpu():
 @requires_gpu
 def test_empty_batch(variant):
     x, k, g = _inputs((0, 8, 5, 5, 2, 3), torch.float32, False, True)
-    out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True)
+    out = torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True, variant)
     assert out.shape == x.shape
-    dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2, 1, False, True)
+    dx, dk, dg = torch.ops.sgdc.cuda_backward(out, x, k, g, 3, 2, 1, False, True, variant)
     assert dx.shape == x.shape and dk.shape == k.shape and dg.shape == g.shape
 
 
 @requires_gpu
-def test_unknown_variant_is_a_clear_error(monkeypatch):
+def test_unknown_variant_is_a_clear_error():
     x, k, g = _inputs((1, 8, 5, 5, 2, 3), torch.float32, False, True)
-    monkeypatch.setenv("SGDC_CUDA_VARIANT", "nonesuch")
-    with pytest.raises(RuntimeError, match="SGDC_CUDA_VARIANT=nonesuch is not a kernel variant"):
-        torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True)
+    with pytest.raises(RuntimeError, match="variant: 'nonesuch' is not a kernel variant of the cuda backend"):
+        torch.ops.sgdc.cuda_forward(x, k, g, 3, 2, 1, False, True, "nonesuch")
+    with pytest.raises(ValueError, match="backend: unknown variant 'nonesuch' of 'cuda'"):
+        sgdc_conv(x, k, g, kernel_size=3, num_heads=2, backend="cuda@nonesuch")
 
 
 @requires_gpu
 def test_operator_checks_its_inputs():
     x, k, g = _inputs((1, 8, 5, 5, 2, 3), torch.float32, False, True)
-    with pytest.raises(RuntimeError, match="kernel must have shape"):
-        torch.ops.sgdc.cuda_forward(x, k[:, :9], g, 3, 2, 1, False, True)
+    config = (3, 2, 1, False, True, "v2")
+    with pytest.raises(RuntimeError, match="weights must have shape"):
+        torch.ops.sgdc.cuda_forward(x, k[:, :9], g, *config)
     with pytest.raises(RuntimeError, match="dtype"):
-        torch.ops.sgdc.cuda_forward(x, k.half(), g, 3, 2, 1, False, True)
+        torch.ops.sgdc.cuda_forward(x, k.half(), g, *config)
     with pytest.raises(RuntimeError, match="dense in x's memory format"):
-        torch.ops.sgdc.cuda_forward(x, k.contiguous(memory_format=torch.channels_last), g, 3, 2, 1, False, True)
+        torch.ops.sgdc.cuda_forward(x, k.contiguous(memory_format=torch.channels_last), g, *config)
 
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("K,config", [(7, (1, False, True)), (9, (1, False, True)), (13, (2, True, False))])
 def test_backward_is_deterministic(dtype, K, config, variant):
+    if config != (1, False, True) and variant != "v2":
+        pytest.skip(f"{variant} runs sgdc_conv's configuration only")
     x, k, g = _inputs((2, 64, 32, 48, 4, K), dtype, True, True)
     dout = torch.randn_like(x)
-    first = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4, *config)
+    first = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4, *config, variant)
     for _ in range(3):
-        again = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4, *config)
+        again = torch.ops.sgdc.cuda_backward(dout, x, k, g, K, 4, *config, variant)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
 
@@ -279,7 +294,7 @@ def test_backward_is_deterministic(dtype, K, config, variant):
 @pytest.mark.parametrize("channels_last,gate", [(False, True), (True, False)])
 def test_opcheck(channels_last, gate, variant):
     x, k, g = _inputs((2, 8, 6, 7, 2, 3), torch.float32, channels_last, gate)
-    args = (x.requires_grad_(), k.requires_grad_(), g.requires_grad_() if gate else None, 3, 2, 1, False, True)
+    args = (x.requires_grad_(), k.requires_grad_(), g.requires_grad_() if gate else None, 3, 2, 1, False, True, variant)
     torch.library.opcheck(torch.ops.sgdc.cuda_forward.default, args)
     dout = torch.randn_like(x)
     torch.library.opcheck(
@@ -292,7 +307,7 @@ def test_torch_compile_fullgraph(variant):
     x, k, g = _inputs((2, 16, 12, 12, 4, 5), torch.float32, False, True)
 
     def step(x, k, g):
-        out = sgdc_conv(x, k, g, kernel_size=5, num_heads=4, backend="cuda")
+        out = sgdc_conv(x, k, g, kernel_size=5, num_heads=4, backend=f"cuda@{variant}")
         return torch.autograd.grad((out * out).sum(), (x, k, g))
 
     leaves = [t.requires_grad_() for t in (x, k, g)]
@@ -314,8 +329,8 @@ def test_tensor_over_2_31_elements(variant):
     gen = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda c: torch.randn(B, c, H, W, device="cuda", dtype=torch.float16, generator=gen)  # noqa: E731
     x, k, dout = rand(C), rand(G * K * K), rand(C)
-    out = torch.ops.sgdc.cuda_forward(x, k, None, K, G, 1, False, True)
-    dx, dk, _ = torch.ops.sgdc.cuda_backward(dout, x, k, None, K, G, 1, False, True)
+    out = torch.ops.sgdc.cuda_forward(x, k, None, K, G, 1, False, True, variant)
+    dx, dk, _ = torch.ops.sgdc.cuda_backward(dout, x, k, None, K, G, 1, False, True, variant)
     n, m = 24, 2 * (K // 2)  # crop size; margin where a crop's inner edge cuts the window
     for top, left in ((0, 0), (H - n, W - n)):
         rows, cols = slice(top, top + n), slice(left, left + n)
@@ -331,5 +346,5 @@ def test_tensor_over_2_31_elements(variant):
             slice(0, n - m) if top == 0 else slice(m, n),
             slice(0, n - m) if left == 0 else slice(m, n),
         )
-        for got, ref, what in ((out, ref_out, "out"), (dx, ref_dx, "dx"), (dk, ref_dk, "dkernel")):
+        for got, ref, what in ((out, ref_out, "out"), (dx, ref_dx, "dx"), (dk, ref_dk, "dweights")):
             assert_close(crop(got)[keep], ref[keep], torch.float16, what)

@@ -1,11 +1,14 @@
-"""Which copy of the package runs, and what it says when its compiled parts are elsewhere or were
+"""Which installed copy of the package runs, and what it says when its compiled parts are elsewhere or were
 built against another torch."""
 
 import importlib.machinery
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +166,37 @@ def test_using_the_package_prints_nothing_to_stderr():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stderr == ""
+
+
+def test_a_regular_install_then_a_run_from_the_checkout_says_the_source_tree_shadows_it(tmp_path):
+    """The README's regular install, as a user runs it: `pip install --no-build-isolation .` in a
+    checkout (which leaves sgdc_kernels.egg-info there), then `python -m sgdc_kernels.info` from
+    the repository root. The build metadata in the checkout is not an install: info names the
+    installed copy and, where that copy has the extension and the checkout does not, the note."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if files.returncode != 0:
+        pytest.skip("not a git checkout: cannot copy the tracked files")
+    checkout = tmp_path / "checkout"
+    for rel in files.stdout.split():
+        (checkout / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, rel), checkout / rel)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    # the new environment sees this one's packages (torch, pip, setuptools) through a .pth file
+    outer = [p for p in sys.path if p.endswith("site-packages") and p != purelib] or [sysconfig.get_paths()["purelib"]]
+    Path(purelib, "_outer.pth").write_text("\n".join(outer) + "\n")
+    env = {**os.environ, "SGDC_SKIP_CUDA_BUILD": "1", "PIP_NO_INDEX": "1"}
+    res = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "."],
+                         cwd=checkout, env=env, capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert (checkout / "sgdc_kernels.egg-info").is_dir(), "the build no longer leaves its metadata in the checkout"
+    installed = Path(purelib, "sgdc_kernels")
+    (installed / SO).write_text("")  # the installed copy has the extension (found, never loaded here)
+    out = subprocess.run([python, "-m", "sgdc_kernels.info"], cwd=checkout, capture_output=True, text=True).stdout
+    source = os.path.realpath(checkout / "sgdc_kernels")
+    assert f"loaded from {source} (source checkout, imported instead of the installed copy " in out, out
+    assert "which has no compiled extension, instead of the installed copy" in out, out
+    assert "Run from another directory" in out, out

@@ -79,10 +79,10 @@ def test_opcheck_torch_backend(layout, with_gate, config):
         for t in make_inputs((2, 4, 6, 7, 2, 3), gate=with_gate)
     )
     backend = get_backend("torch")
-    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2, *config))
+    torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2, *config, ""))
     grad_out = torch.randn_like(x)
     detached = [t.detach() if t is not None else None for t in (grad_out, x, kernel, gate)]
-    torch.library.opcheck(backend.backward, (*detached, 3, 2, *config))
+    torch.library.opcheck(backend.backward, (*detached, 3, 2, *config, ""))
 
 
 class Block(torch.nn.Module):

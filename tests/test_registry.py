@@ -55,6 +55,7 @@ def test_sge_takes_no_backend():
 # Kernel variants, with a fake backend (no GPU needed)
 # ------------------------------------------------------------------------------------------------
 
+
 def test_the_default_variant_must_run_every_configuration():
     with pytest.raises(ValueError, match="the default variant must run every configuration"):
         Backend("x", unfold_forward, None, frozenset({"cpu"}), FLOATING_ALL, "x", ("a", "b"), frozenset({"a"}))
@@ -75,7 +76,9 @@ def test_a_call_carries_its_variant_to_the_backend(fake_variants):
 
 def test_a_variant_that_cannot_run_a_configuration_raises(fake_variants):
     x, w = torch.randn(1, 2, 6, 6), torch.randn(1, 9, 6, 6)
-    with pytest.raises(ValueError, match=r"backend: 'torch@v3' runs only sgdc_conv's configuration .* torch@v1, torch@v2"):
+    with pytest.raises(
+        ValueError, match=r"backend: 'torch@v3' runs only sgdc_conv's configuration .* torch@v1, torch@v2"
+    ):
         window_conv(x, w, kernel_size=3, border="clamp", backend="torch@v3")
     window_conv(x, w, kernel_size=3, border="clamp", backend="torch")
     assert fake_variants.seen[-1] == "v1"
