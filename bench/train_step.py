@@ -66,9 +66,9 @@ def _bench_backend(
 ) -> dict:
     """phase "time": median step time (and, on a GPU, peak memory); phase "cpu_memory": the growth
     of the peak resident set over one step, after a warm-up step."""
+    from sgdc_kernels.segmentation.loop import build_optimizer, make_scaler, train_step
     from sgdc_kernels.segmentation.losses import SegEdgeLoss
     from sgdc_kernels.segmentation.models import SGDNet
-    from sgdc_kernels.segmentation.train import build_optimizer, make_scaler, train_step
 
     row = dict(backend=backend, device=str(device), amp=amp, channels_last=channels_last,
                **{k: cfg[k] for k in ("image_size", "batch_size", "backbone", "dim", "depth")})  # fmt: skip

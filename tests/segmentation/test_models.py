@@ -11,10 +11,10 @@ timm = pytest.importorskip("timm")
 
 from sgdc_kernels import available_backends  # noqa: E402
 from sgdc_kernels.segmentation.data import SyntheticLesions, augment, build_datasets, find_pairs  # noqa: E402
+from sgdc_kernels.segmentation.loop import build_optimizer, make_scaler, train_step  # noqa: E402
 from sgdc_kernels.segmentation.losses import SegEdgeLoss, boundary_target, soft_dice_loss  # noqa: E402
 from sgdc_kernels.segmentation.metrics import MetricTracker, hd95, per_image_metrics  # noqa: E402
 from sgdc_kernels.segmentation.models import SGDNet  # noqa: E402
-from sgdc_kernels.segmentation.train import build_optimizer, make_scaler, train_step  # noqa: E402
 
 TINY = dict(backbone="resnet10t", dim=32, depth=1, guide_ch=8)
 

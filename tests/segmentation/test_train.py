@@ -106,6 +106,7 @@ def test_train_step_benchmark_runs_on_cpu():
 
 # ------------------------------------------------------------------------------------ CLI usage
 
+from sgdc_kernels.segmentation import loop  # noqa: E402
 from sgdc_kernels.segmentation import train as train_cli  # noqa: E402
 
 
@@ -127,7 +128,7 @@ def _usage_error(argv, capsys, monkeypatch, before_model=True) -> str:
         raise AssertionError("the model was built before the mistake was reported")
 
     if before_model:
-        monkeypatch.setattr(train_cli, "build_model", no_model)
+        monkeypatch.setattr(loop, "build_model", no_model)
     with pytest.raises(SystemExit) as exc:
         train_cli.main(argv)
     assert exc.value.code == 2
@@ -217,7 +218,7 @@ def test_resume_needs_the_same_epochs(run3, tmp_path, capsys, monkeypatch):
 def test_rerunning_a_finished_run_has_nothing_to_do(run3, capsys, monkeypatch):
     out, _ = run3
     before = (out / "last.pt").stat().st_mtime_ns
-    monkeypatch.setattr(train_cli, "build_model", None)  # not reached
+    monkeypatch.setattr(loop, "build_model", None)  # not reached
     history = train_cli.main([*TINY, "--epochs", "3", "--out", str(out), "--lr", "2e-3"])  # --resume auto
     assert [e["epoch"] for e in history] == [1, 2, 3]
     assert "nothing to do" in capsys.readouterr().out
@@ -243,7 +244,7 @@ def test_warmup_cosine_schedule_equals_the_closed_form():
     for total, warmup in [(40, 4), (10, 1), (5, 5), (7, 2)]:
         param = torch.nn.Parameter(torch.zeros(1))
         optimizer = torch.optim.AdamW([param], lr=1e-3)
-        scheduler = train_cli.warmup_cosine_schedule(optimizer, total, warmup)
+        scheduler = loop.warmup_cosine_schedule(optimizer, total, warmup)
         for step in range(total + 1):
             assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * closed_form(step, total, warmup), abs=1e-15)
             optimizer.step()
