@@ -1,4 +1,4 @@
-"""Checking an sgdc_conv implementation against the float64 oracle (like ``torch.testing``).
+"""Checking a window_conv backend against the float64 oracle (like ``torch.testing``).
 
 The test suite uses these for every backend; they are public so that a new backend, or a user's
 own build, can be checked the same way:
@@ -39,7 +39,7 @@ def make_inputs(
     memory_format: torch.memory_format = torch.contiguous_format,
     scale: float = 2.0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Random ``x``, kernel logits (times ``scale``, so the softmax is far from uniform) and gate
+    """Random ``x``, weights as logits (times ``scale``, so the softmax is far from uniform) and gate
     logits (or None) for ``shape = (B, C, H, W, num_heads, kernel_size)``."""
     B, C, H, W, G, K = shape
 
@@ -70,9 +70,9 @@ def oracle(kernel_size: int, num_heads: int, mode: dict | None = None) -> Callab
     """The paper's formulation in float64; its gradients come from autograd. ``mode``: the
     window_conv keywords ``dilation``, ``border``, ``normalize`` (default: sgdc_conv's)."""
 
-    def fn(x, kernel, gate):
+    def fn(x, weights, gate):
         gate = gate.double() if gate is not None else None
-        return unfold_forward(x.double(), kernel.double(), gate, kernel_size, num_heads, *mode_args(mode))
+        return unfold_forward(x.double(), weights.double(), gate, kernel_size, num_heads, *mode_args(mode))
 
     return fn
 
@@ -160,7 +160,7 @@ def check_tensors(
     assert_close(out, ref_out, dtype, "out", tol)
     fmt = memory_format_of(x)
     present = [t for t in tensors if t is not None]
-    for name, got, want, inp in zip(("d_x", "d_kernel", "d_gate"), grads, ref_grads, present):
+    for name, got, want, inp in zip(("d_x", "d_weights", "d_gate"), grads, ref_grads, present):
         assert got.dtype == dtype, name
         if check_strides:
             assert got.stride() == torch.empty_like(inp.contiguous(memory_format=fmt)).stride(), name

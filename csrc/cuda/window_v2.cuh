@@ -18,6 +18,9 @@
 //
 // Passes (docs/op.md): kForward out = s * sum_t P[t] x[p+off_t]; grad_weights dP, dweights, dgate
 // and the softmax statistics; kGradInput dx[q] = sum_t P[t, q-off_t] g_y[q-off_t].
+//
+// This file is longer than the others (about 480 lines): its three kernels share the variant's
+// tiling, copy and staging helpers, which are read together.
 #pragma once
 
 #include <algorithm>

@@ -26,9 +26,10 @@ from .metrics import MetricTracker
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class FlagError(Exception):
-    """A flag value that proves unusable only once the run has started (the data it names, the
-    model it builds, a loss that diverges): one line that starts with the flag."""
+class UsageError(Exception):
+    """A mistake in the command line, reported as one line naming the flag (exit status 2): found
+    by the command line's checks, or once the run has started (the data a flag names, the model it
+    builds, a loss that diverges)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,17 +218,17 @@ def evaluate(model, loader, loss_fn, device, args, ddp: Dist) -> dict[str, float
 
 def _train(args, ddp: Dist, backend: str, ckpt: dict | None, resume: str | None) -> list[dict]:
     """Train from scratch, or continue ``ckpt`` (read from ``resume``), to ``args.epochs``; returns
-    the per-epoch records. A flag that turns out unusable raises FlagError."""
+    the per-epoch records. A flag that turns out unusable raises UsageError."""
     device = ddp.device
     out_dir = Path(args.out)
     try:
         train_loader, sampler, val_loader = make_loaders(args, ddp)
     except (FileNotFoundError, ValueError) as exc:
         message = " ".join(str(exc).split())
-        raise FlagError(message if message.startswith("--data") else f"--data {args.data}: {message}") from None
+        raise UsageError(message if message.startswith("--data") else f"--data {args.data}: {message}") from None
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
-        raise FlagError(
+        raise UsageError(
             f"--batch-size {args.batch_size}: larger than the {len(sampler)} training images of each of "
             f"{ddp.world} processes; lower it or add training images"
         )
@@ -242,7 +243,7 @@ def _train(args, ddp: Dist, backend: str, ckpt: dict | None, resume: str | None)
         flag = next((f for f in ("backbone", "pretrained") if message.startswith(f)), None)
         if flag is None:
             raise
-        raise FlagError(f"--{flag} {getattr(args, flag)}: {message.split(': ', 1)[-1]}") from None
+        raise UsageError(f"--{flag} {getattr(args, flag)}: {message.split(': ', 1)[-1]}") from None
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
@@ -302,7 +303,7 @@ def _train(args, ddp: Dist, backend: str, ckpt: dict | None, resume: str | None)
             scheduler.step()
             loss = losses["loss"].item()
             if not math.isfinite(loss):
-                raise FlagError(
+                raise UsageError(
                     f"--lr {args.lr}: the loss is {loss} at epoch {epoch + 1}; lower --lr or use --amp bf16"
                 )
             loss_sum += loss * images.shape[0]

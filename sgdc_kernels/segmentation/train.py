@@ -25,13 +25,9 @@ import torch
 from .. import BackendUnavailableError
 from ..registry import BACKEND_NAMES, resolve_backend
 from .checkpoints import MODEL_ARGS, load_checkpoint
-from .loop import AMP_DTYPES, Dist, FlagError, _train
+from .loop import AMP_DTYPES, Dist, UsageError, _train
 
 PROG = "sgdc-train"
-
-
-class UsageError(Exception):
-    """A mistake in the command line, reported as one line naming the flag (exit status 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -247,7 +243,7 @@ def main(argv=None) -> list[dict]:
             return _train(args, ddp, backend, ckpt, resume)
         finally:
             ddp.close()
-    except (UsageError, FlagError) as exc:
+    except UsageError as exc:
         parser.error(str(exc))
 
 

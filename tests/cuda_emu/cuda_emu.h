@@ -1,5 +1,7 @@
-// A host emulation of the CUDA subset the sgdc_conv kernels use, strict enough to find the bugs a
+// A host emulation of the CUDA subset the window_conv kernels use, strict enough to find the bugs a
 // GPU would show as wrong numbers, races or crashes. Include this, then csrc/cuda/kernels.cuh.
+// It is one header of about 500 lines because it stands in for the CUDA runtime headers that the
+// kernels include as one.
 //
 // - Every GPU thread is a fiber (ucontext); blocks run one after another. A thread runs until it
 //   reaches __syncthreads() or returns; the barrier opens when every thread of the block waits at
