@@ -21,8 +21,8 @@ dynamic (ContMix) blocks, e.g. overlock-t-s3-k13 (model overlock_t, stage 3, ker
 NATTEN's layout and clamped windows, through each backend, beside `unfold` (the F.unfold +
 replicate-pad formulation) and, on a GPU, its torch.compile (row `torch.compile(unfold)`).
 
-A backend name may carry a kernel variant, `name@variant` or `name@all` (one row per variant); the
-row calls the operator with backend="name@variant". A variant that runs only sgdc_conv's
+A backend may be followed by a kernel variant, `name@variant`, or by `@all` for one row per
+variant; the row calls the operator with backend="name@variant". A variant that runs only sgdc_conv's
 configuration is not timed on na2d_av's (clamped windows, raw weights): its row says `skipped`
 and why, in the table and in the JSON.
 
