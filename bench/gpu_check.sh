@@ -11,8 +11,8 @@
 #   3. GPU correctness of every kernel variant of both fused backends against the float64 oracle
 #   4. the benchmark at the paper shape (8x256x128x128, 4 heads, K=7): every variant of cuda and
 #      triton beside torch, unfold and the torch.compile peer; fp32 and bf16; NCHW and channels_last
-#   5. the SGD-Net training step (skipped with a message where timm or MONAI is missing: the GPU
-#      machines have no MONAI; carry its wheel, see below)
+#   5. the SGD-Net training step (skipped with a message where timm or MONAI is missing; a machine
+#      without a network installs MONAI from a wheel in .whl/, see below)
 #   6. compute-sanitizer memcheck and racecheck on a small case of every variant (skipped with a
 #      message where the tool or the device is not supported)
 #   7. the benchmark's two other shapes
@@ -21,11 +21,12 @@
 #      torch, beside unfold + replicate-pad and its torch.compile; fp32 and bf16
 # then prints a short table of the paper-shape results (bench/summary.py).
 #
-# Wheels of packages the machine lacks, if any, are installed from .whl/ first. For the training
-# step, before the device call, here: `echo /.whl/ >> .git/info/exclude; python3 -m pip download
-# --no-deps --only-binary=:all: --python-version 3.12 -d .whl monai`, and carry ".whl".
-# Exit status 0 only if every stage ran
-# and passed (a skipped stage says why and does not fail).
+# Wheels in .whl/ at the repository root, if any, are installed first: the way to give a GPU
+# machine without a network the packages it lacks. For the training step, download MONAI's wheel
+# into the checkout on a machine with a network, keep it out of git and copy .whl/ with the
+# checkout: `echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
+# --only-binary=:all: --python-version 3.12 -d .whl monai`.
+# Exit status 0 only if every stage ran and passed (a skipped stage says why and does not fail).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/out}"
@@ -59,7 +60,7 @@ run() {
 
 : >"$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-# Python packages carried to a machine without a network (e.g. .whl/monai-*.whl), if any.
+# Wheels for a machine without a network (e.g. .whl/monai-*.whl), if any.
 if compgen -G ".whl/*.whl" >/dev/null; then
   $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -86,7 +87,7 @@ run bench_paper 140 $PY bench/run.py --device cuda --shapes 8x256x128x128x4x7 --
 if $PY -c "import timm, monai" 2>/dev/null; then
   run train_step 90 $PY bench/train_step.py --device cuda --amp bf16 --channels-last --out "$OUT/train_step.json"
 else
-  echo "== train_step: skipped, timm or monai is not installed here (carry monai's wheel in .whl/)" | tee -a "$LOG"
+  echo "== train_step: skipped, timm or monai is not installed here (put monai's wheel in .whl/, see the top of this file)" | tee -a "$LOG"
 fi
 
 # 6. compute-sanitizer, where the tool and the device support it

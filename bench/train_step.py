@@ -39,12 +39,12 @@ def _batch(batch_size: int, image_size: int, device: torch.device):
 
 
 @functools.cache
-def _bench_run():
-    """bench/run.py: its timer (CUDA events on GPU, perf_counter on CPU, median after warm-up)
-    and its peak-RSS helpers."""
+def _bench_timing():
+    """bench/timing.py, the benchmark's timer (CUDA events on GPU, perf_counter on CPU, median
+    after warm-up) and peak-RSS helpers, loaded by its path."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sgdc_bench_run", Path(__file__).with_name("run.py"))
+    spec = importlib.util.spec_from_file_location("sgdc_bench_timing", Path(__file__).with_name("timing.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -83,7 +83,7 @@ def _bench_backend(
         optimizer = build_optimizer(model, 1e-4, 1e-4)
         scaler, loss_fn = make_scaler(device, amp), SegEdgeLoss()
         step = lambda: train_step(model, images, masks, loss_fn, optimizer, scaler, amp)  # noqa: E731
-        bench = _bench_run()
+        bench = _bench_timing()
         step()  # the first step allocates the optimizer state
         if phase == "cpu_memory":
             base = bench.reset_peak_rss()

@@ -1,5 +1,6 @@
-"""bench/run.py: time-based measurements with their spread, aligned rows printed once, --threads,
-kernel variants, and one clear line for a bad --backends."""
+"""bench/run.py (with bench/cases.py and bench/timing.py): time-based measurements with their spread,
+aligned rows printed once, --threads, kernel variants through the backend name, the backends left
+out and why, and one clear line for a bad --backends."""
 
 import importlib.util
 import json
@@ -13,7 +14,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "run.py")
 SHAPE = "1x4x5x6x2x3"
-VARIANT_ENV = "SGDC_FAKE_VARIANT"  # the fake_variants fixture's (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +32,18 @@ def _run(bench, tmp_path, *args):
 
 
 def test_summary_and_spread(bench):
-    stats = bench.summarize([4.0, 1.0, 2.0, 3.0, 5.0])
+    stats = bench.timing.summarize([4.0, 1.0, 2.0, 3.0, 5.0])
     assert stats == {"median": 3.0, "q1": 2.0, "q3": 4.0, "min": 1.0, "max": 5.0, "n": 5}
-    assert bench.spread(stats) == pytest.approx(2 / 3)
-    assert bench.summarize([7.0])["q1"] == 7.0
+    assert bench.timing.spread(stats) == pytest.approx(2 / 3)
+    assert bench.timing.summarize([7.0])["q1"] == 7.0
 
 
 def test_measurements_run_by_time_with_an_iteration_floor(bench):
     calls = []
-    stats = bench.measure(lambda: calls.append(1), "cpu", bench.Timing(0.0, 0.05, 5))
+    timing = bench.timing
+    stats = timing.measure(lambda: calls.append(1), "cpu", timing.Timing(0.0, 0.05, 5))
     assert stats["n"] >= 5 and len(calls) >= stats["n"] + 1  # the first call is never timed
-    assert bench.measure(lambda: None, "cpu", bench.Timing(0.0, 0.0, 4))["n"] == 4
+    assert timing.measure(lambda: None, "cpu", timing.Timing(0.0, 0.0, 4))["n"] == 4
 
 
 def test_rows_are_printed_once_aligned_with_their_spread(bench, tmp_path, capsys):
@@ -66,7 +67,7 @@ def test_rows_are_printed_once_aligned_with_their_spread(bench, tmp_path, capsys
 
 def test_a_large_spread_is_flagged(bench, tmp_path, capsys, monkeypatch):
     noisy = {"median": 10.0, "q1": 5.0, "q3": 20.0, "min": 1.0, "max": 50.0, "n": 5}
-    monkeypatch.setattr(bench, "measure", lambda step, device, timing: dict(noisy))
+    monkeypatch.setattr(bench.timing, "measure", lambda step, device, timing: dict(noisy))
     _run(bench, tmp_path, "--backends", "torch")
     err = capsys.readouterr().err
     assert "the interquartile range exceeds 10% of the median in 2 measurements" in err
@@ -81,24 +82,57 @@ def test_threads(bench, tmp_path):
         torch.set_num_threads(before)
 
 
-def test_variants_are_timed_one_row_each_and_the_environment_restored(bench, tmp_path, fake_variants, monkeypatch):
-    monkeypatch.setenv(VARIANT_ENV, "v2")
+def test_variants_are_timed_one_row_each_through_the_backend_name(bench, tmp_path, fake_variants):
     data = _run(bench, tmp_path, "--backends", "unfold,torch@all")
-    assert [r["backend"] for r in data["results"]] == ["unfold", "torch@v1", "torch@v2"]
-    assert [r.get("variant") for r in data["results"]] == [None, "v1", "v2"]
-    assert set(fake_variants.seen) == {"v1", "v2"}
-    assert os.environ[VARIANT_ENV] == "v2"
-    monkeypatch.delenv(VARIANT_ENV)
+    assert [r["backend"] for r in data["results"]] == ["unfold", "torch@v1", "torch@v2", "torch@v3"]
+    assert [r.get("variant") for r in data["results"]] == [None, "v1", "v2", "v3"]
+    assert set(fake_variants.seen) == {"v1", "v2", "v3"}
     fake_variants.seen.clear()
     _run(bench, tmp_path, "--backends", "torch@v2")
-    assert set(fake_variants.seen) == {"v2"} and VARIANT_ENV not in os.environ
+    assert set(fake_variants.seen) == {"v2"}
+    fake_variants.seen.clear()
+    _run(bench, tmp_path, "--backends", "torch")  # no variant named: the default one runs
+    assert set(fake_variants.seen) == {"v1"}
+
+
+def test_a_variant_that_cannot_run_the_case_is_skipped_with_the_reason(
+    bench, tmp_path, capsys, monkeypatch, fake_variants
+):
+    # na2d_av's clamped windows and raw weights: v3 runs sgdc_conv's configuration only
+    monkeypatch.setitem(bench.cases.OVERLOCK_SHAPES, "overlock-tiny", (1, 2, 5, 6, 3, 3))
+    data = _run(bench, tmp_path, "--shapes", "overlock-tiny", "--backends", "torch@all")
+    rows = {r["backend"]: r for r in data["results"]}
+    assert set(fake_variants.seen) == {"v1", "v2"}  # v3 never called
+    assert "skipped" not in rows["torch@v1"] and rows["torch@v2"]["fwd_ms"] > 0
+    reason = rows["torch@v3"]["skipped"]
+    assert reason.startswith("'torch@v3' runs only sgdc_conv's configuration") and "use 'torch' or one of" in reason
+    assert "fwd_ms" not in rows["torch@v3"] and "error" not in rows["torch@v3"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if "torch@v3" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"torch@v3  skipped: {reason}")
+
+
+def test_the_backends_left_out_are_named_with_the_reason(bench, tmp_path, capsys):
+    from sgdc_kernels import registry
+
+    data = _run(bench, tmp_path)  # no --backends: every backend that runs on the CPU
+    out = capsys.readouterr().out.splitlines()
+    timed = [r["backend"] for r in data["results"]]
+    assert timed[:2] == ["unfold", "torch"] and "cuda" not in timed and "triton" not in timed
+    left_out = data["meta"]["left_out"]
+    assert set(left_out) | set(timed) == set(registry.BACKEND_NAMES) and not set(left_out) & set(timed)
+    for name, why in left_out.items():
+        assert [line for line in out if line.startswith(f"# left out: {name} ")] == [f"# left out: {name} ({why})"]
+        reason = registry.unavailable_reason(name)
+        assert why == reason if reason else why  # the registry's reason where the backend does not load
+    named = _run(bench, tmp_path, "--backends", "torch")  # named backends: nothing is left out
+    assert named["meta"]["left_out"] == {} and "left out" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "spec,message",
     [
         ("cdua", "--backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda"),
-        ("torch@v9", "--backends: unknown variant 'v9' of 'torch'; expected 'all' or one of v1, v2"),
+        ("torch@v9", "--backends: unknown variant 'v9' of 'torch'; expected 'all' or one of v1, v2, v3"),
         ("unfold@v1", "--backends: 'unfold' has no kernel variants; use 'unfold' without '@v1'"),
     ],
 )
@@ -126,13 +160,14 @@ def test_a_bad_backend_from_the_command_line(tmp_path):
 def test_overlock_shapes_follow_the_models(bench):
     # (B, heads, H, W, head_dim, K) at a 512x512 input: stage 3 at 1/16, stage 4 at 1/32, each block
     # with 2*sub_num_heads heads and half of its width per na2d_av call
-    assert bench.OVERLOCK_SHAPES["overlock-t-s3-k13"] == (8, 8, 32, 32, 16, 13)  # 256 wide, sub_num_heads 4
-    assert bench.OVERLOCK_SHAPES["overlock-t-s4-k7"] == (8, 16, 16, 16, 16, 7)  # 512 wide, sub_num_heads 8
-    assert bench.OVERLOCK_SHAPES["overlock-xt-s4-k5"] == (8, 12, 16, 16, 14, 5)  # 336 wide, sub_num_heads 6
-    cases = bench.parse_shapes("overlock")
+    shapes = bench.cases.OVERLOCK_SHAPES
+    assert shapes["overlock-t-s3-k13"] == (8, 8, 32, 32, 16, 13)  # 256 wide, sub_num_heads 4
+    assert shapes["overlock-t-s4-k7"] == (8, 16, 16, 16, 16, 7)  # 512 wide, sub_num_heads 8
+    assert shapes["overlock-xt-s4-k5"] == (8, 12, 16, 16, 14, 5)  # 336 wide, sub_num_heads 6
+    cases = bench.cases.parse_shapes("overlock")
     assert len(cases) == len({c.dims for c in cases}) == 6  # xt and t share stage 3
     assert "the same call as overlock-t-s3-k13" in cases[1].describe()
-    fwd, fwdbwd = bench.NA2DCase("x", (8, 8, 32, 32, 16, 13)).roofline_bytes(torch.bfloat16)
+    fwd, fwdbwd = bench.cases.NA2DCase("x", (8, 8, 32, 32, 16, 13)).roofline_bytes(torch.bfloat16)
     pixels = 8 * 8 * 32 * 32
     assert fwd == (169 + 2 * 16) * pixels * 2  # attn and value read, out written
     assert fwdbwd - fwd == (2 * 169 + 3 * 16) * pixels * 2  # attn, value, dout read; dattn, dvalue written
@@ -154,7 +189,7 @@ def test_overlock_rows_time_na2d_av_against_unfold(bench, tmp_path, capsys):
 
 
 def test_the_compiled_unfold_peer_runs_for_na2d_av(bench, tmp_path, monkeypatch):
-    monkeypatch.setitem(bench.OVERLOCK_SHAPES, "overlock-tiny", (1, 2, 5, 6, 3, 3))
+    monkeypatch.setitem(bench.cases.OVERLOCK_SHAPES, "overlock-tiny", (1, 2, 5, 6, 3, 3))
     # the later --shapes replaces _run's
     data = _run(
         bench, tmp_path, "--shapes", "overlock-tiny", "--backends", "unfold,torch.compile(unfold),torch.compile(shift)"
