@@ -1,16 +1,20 @@
 """Every file of the project that a comment, docstring or document names exists.
 
-The check reads every tracked text file and resolves each name that looks like a source or
-document file of the project (``.py``, ``.cuh``, ``.cu``, ``.cpp``, ``.h``, ``.md``, ``.sh``,
-``.toml``): relative to the citing file, to the repository root, or to ``csrc/`` (the kernels'
-include directory); a bare file name may sit anywhere in the repository. Names of other projects'
-files are listed in ``EXTERNAL`` with what they are; ``#include <...>`` lines and generated files
-are not the project's sources.
+The check reads the comments and docstrings of every tracked source file (Python: comments and
+triple-quoted strings; C++ and CUDA: ``//`` comments and ``#include "..."`` lines) and the whole
+text of documents and scripts (``.md``, ``.sh``, ``.toml``, ``.txt``), and resolves each name that
+looks like a source or document file of the project (``.py``, ``.cuh``, ``.cu``, ``.cpp``, ``.h``,
+``.md``, ``.sh``, ``.toml``): relative to the citing file, to the repository root, or to ``csrc/``
+(the kernels' include directory); a bare file name may sit anywhere in the repository. Names of
+other projects' files are listed in ``EXTERNAL`` with what they are; generated files in
+``GENERATED``. This file's own examples are not citations.
 """
 
+import io
 import os
 import re
 import subprocess
+import tokenize
 
 import pytest
 
@@ -27,6 +31,7 @@ EXTERNAL = {
 # Files that a build or a command writes (not tracked).
 GENERATED = {"sgdc_kernels/_build_config.py", "_build_config.py"}
 
+SELF = "tests/test_references.py"
 NAME = re.compile(r"(?<![\w/.$-])((?:[\w.-]+/)*[\w-]+(?:\.[\w-]+)*\.(?:py|cuh|cu|cpp|h|md|sh|toml))(?![\w/])")
 TEXT = (".py", ".cuh", ".cu", ".cpp", ".h", ".md", ".sh", ".toml", ".txt")
 
@@ -38,6 +43,25 @@ def _tracked() -> list[str]:
     return [f for f in res.stdout.split() if os.path.exists(os.path.join(ROOT, f))]
 
 
+def _prose(path: str, text: str) -> list[tuple[int, str]]:
+    """(line number, text) of the parts of a file that may cite files: comments and docstrings of
+    code, all of a document or script."""
+    if path.endswith(".py"):
+        parts = []
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.COMMENT or (
+                tok.type == tokenize.STRING and tok.string.lstrip("rbuf").startswith('"""')
+            ):
+                parts += [(tok.start[0] + i, line) for i, line in enumerate(tok.string.splitlines())]
+        return parts
+    lines = list(enumerate(text.splitlines(), 1))
+    if path.endswith((".cuh", ".cu", ".cpp", ".h")):
+        return [(n, line.split("//", 1)[1]) for n, line in lines if "//" in line] + [
+            (n, line) for n, line in lines if re.match(r'\s*#\s*include\s*"', line)
+        ]
+    return lines
+
+
 def _unresolved(root: str, files: list[str]) -> list[str]:
     """``file:line: name`` for every name in ``files`` (paths relative to ``root``) that resolves to
     no tracked file."""
@@ -45,11 +69,9 @@ def _unresolved(root: str, files: list[str]) -> list[str]:
     basenames = {os.path.basename(f) for f in files}
     missing = []
     for f in files:
-        if not f.endswith(TEXT) and os.path.basename(f) != "run":
+        if f == SELF or (not f.endswith(TEXT) and os.path.basename(f) != "run"):
             continue
-        for n, line in enumerate(open(os.path.join(root, f), errors="replace").read().splitlines(), 1):
-            if re.match(r"\s*#\s*include\s*<", line):
-                continue
+        for n, line in _prose(f, open(os.path.join(root, f), errors="replace").read()):
             for m in NAME.finditer(line):
                 ref = m.group(1)
                 if ref in EXTERNAL or ref in GENERATED:
@@ -70,7 +92,14 @@ def test_every_cited_file_exists():
 
 def test_the_check_reports_a_missing_file_with_its_place(tmp_path):
     (tmp_path / "csrc" / "cuda").mkdir(parents=True)
-    (tmp_path / "csrc" / "cuda" / "kernels.cuh").write_text('#include <torch/library.h>\n#include "cuda/kernels.cuh"\n')
+    (tmp_path / "csrc" / "cuda" / "kernels.cuh").write_text(
+        '#include <torch/library.h>\n#include "cuda/kernels.cuh"\n// see gone.cuh\nint kernels_cu = 0;\n'
+    )
     (tmp_path / "note.md").write_text("see csrc/cuda/kernels.cuh,\nnot csrc/cuda/no_such_kernel.cuh\n")
-    files = ["note.md", "csrc/cuda/kernels.cuh"]
-    assert _unresolved(str(tmp_path), files) == ["note.md:2: csrc/cuda/no_such_kernel.cuh"]
+    (tmp_path / "tool.py").write_text('"""Reads csrc/cuda/kernels.cuh."""\n\nTMP = "scratch.cu"  # writes old.cu\n')
+    files = ["note.md", "csrc/cuda/kernels.cuh", "tool.py"]
+    assert _unresolved(str(tmp_path), files) == [
+        "note.md:2: csrc/cuda/no_such_kernel.cuh",
+        "csrc/cuda/kernels.cuh:3: gone.cuh",
+        "tool.py:3: old.cu",
+    ]
