@@ -178,7 +178,7 @@ def test_interpreter_16_bit(variant, dtype, layout):
     backend = get_backend("triton")
     out, grads = run(lambda x, k, g: backend.forward(x, k, g, K, G, 1, False, True, variant), tensors, grad_out)
     ref_out, ref_grads = run(oracle(K, G), tensors, grad_out.double())
-    for name, got, want in zip(("out", "d_x", "d_kernel", "d_gate"), (out, *grads), (ref_out, *ref_grads)):
+    for name, got, want in zip(("out", "d_x", "d_weights", "d_gate"), (out, *grads), (ref_out, *ref_grads)):
         assert got.dtype == dtype, name
         assert_close(got, want, dtype, name)
 
@@ -222,10 +222,10 @@ def test_interpreter_kernel_size_17(variant, monkeypatch, case):
 @requires_interpreter
 def test_interpreter_backward_is_deterministic(variant):
     skip_if_same_kernels(variant, torch.float32)
-    x, kernel, gate = _inputs((1, 4, 5, 5, 2, 3))
+    x, weights, gate = _inputs((1, 4, 5, 5, 2, 3))
     grad_out = torch.randn_like(x)
-    first = run(triton_conv(variant, 3, 2), (x, kernel, gate), grad_out)
-    second = run(triton_conv(variant, 3, 2), (x, kernel, gate), grad_out)
+    first = run(triton_conv(variant, 3, 2), (x, weights, gate), grad_out)
+    second = run(triton_conv(variant, 3, 2), (x, weights, gate), grad_out)
     for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
         assert torch.equal(a, b)
 
@@ -235,12 +235,12 @@ def test_interpreter_empty_tensors(variant):
     skip_if_same_kernels(variant, torch.float32)
     for B, C, H, W in [(0, 4, 5, 5), (2, 4, 0, 3)]:
         x = torch.randn(B, C, H, W, requires_grad=True)
-        kernel = torch.randn(B, 2 * 9, H, W, requires_grad=True)
+        weights = torch.randn(B, 2 * 9, H, W, requires_grad=True)
         gate = torch.randn(B, C, H, W, requires_grad=True)
-        out = sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=2, backend=spec(variant))
+        out = sgdc_conv(x, weights, gate, kernel_size=3, num_heads=2, backend=spec(variant))
         assert out.shape == x.shape
         out.sum().backward()
-        assert x.grad.shape == x.shape and kernel.grad.shape == kernel.shape and gate.grad.shape == gate.shape
+        assert x.grad.shape == x.shape and weights.grad.shape == weights.shape and gate.grad.shape == gate.shape
 
 
 @requires_interpreter
@@ -250,14 +250,14 @@ def test_interpreter_empty_tensors(variant):
 def test_interpreter_opcheck(with_gate, mode):
     # Eager checks only: under the interpreter the kernels cannot be traced into a graph
     # (torch.compile and test_aot_dispatch_dynamic need a GPU; see test_gpu_opcheck).
-    x, kernel, gate = (
+    x, weights, gate = (
         t.requires_grad_() if t is not None else None for t in _inputs((1, 4, 6, 7, 2, 3), gate=with_gate)
     )
     backend = get_backend("triton")
     config = (3, 2, *mode_args(mode), backend.variant_for(*mode_args(mode)))
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(backend.forward, (x, kernel, gate, *config), test_utils=checks)
-    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
+    torch.library.opcheck(backend.forward, (x, weights, gate, *config), test_utils=checks)
+    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, weights, gate)]
     torch.library.opcheck(backend.backward, (*detached, *config), test_utils=("test_schema", "test_faketensor"))
 
 
@@ -268,36 +268,36 @@ def test_variant_selects_the_kernels_at_each_call(monkeypatch):
     monkeypatch.setattr(
         impl, "_launch", lambda kernel, *a, **kw: launched.append(kernel.__name__) or real_launch(kernel, *a, **kw)
     )
-    x, kernel, gate = _inputs((1, 2, 3, 3, 1, 3))
+    x, weights, gate = _inputs((1, 2, 3, 3, 1, 3))
     for name, expected in [
         ("v1", "_sgdc_fwd_kernel"),
         ("v2dot", "_sgdc_fwd_dot_kernel"),
         ("v2dot16", "_sgdc_fwd_kernel"),
     ]:
-        sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=1, backend=spec(name))
+        sgdc_conv(x, weights, gate, kernel_size=3, num_heads=1, backend=spec(name))
         assert launched[-1] == expected, name
     # the operator's argument itself, and the default when a call names no variant
-    get_backend("triton").forward(x, kernel, gate, 3, 1, 1, False, True, "v2dot")
+    get_backend("triton").forward(x, weights, gate, 3, 1, 1, False, True, "v2dot")
     assert launched[-1] == "_sgdc_fwd_dot_kernel"
     assert get_backend("triton").variants == VARIANTS
     assert registry.resolve("triton", "cpu", torch.float32, 1, False, True) == ("triton", VARIANTS[0])
-    sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=1, backend="triton")
+    sgdc_conv(x, weights, gate, kernel_size=3, num_heads=1, backend="triton")
     assert launched[-1] == "_sgdc_fwd_kernel"  # v2dot16 runs the taps kernels on float32
 
 
 @requires_interpreter
 def test_unknown_variant_names_the_choices():
-    x, kernel, gate = _inputs((1, 2, 3, 3, 1, 3))
+    x, weights, gate = _inputs((1, 2, 3, 3, 1, 3))
     with pytest.raises(
         ValueError, match=r"unknown variant 'v9' of 'triton'; expected 'all' or one of v2dot16, v2dot, v1"
     ):
-        sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=1, backend="triton@v9")
+        sgdc_conv(x, weights, gate, kernel_size=3, num_heads=1, backend="triton@v9")
     backend = get_backend("triton")
     not_a_variant = r"variant: 'v9' is not a triton kernel variant; expected one of v2dot16, v2dot, v1"
     with pytest.raises(ValueError, match=not_a_variant):
-        backend.forward(x, kernel, gate, 3, 1, 1, False, True, "v9")
+        backend.forward(x, weights, gate, 3, 1, 1, False, True, "v9")
     with pytest.raises(ValueError, match=not_a_variant):
-        backend.backward(torch.randn_like(x), x, kernel, gate, 3, 1, 1, False, True, "v9")
+        backend.backward(torch.randn_like(x), x, weights, gate, 3, 1, 1, False, True, "v9")
 
 
 def test_operators_have_the_shared_schemas():
@@ -368,11 +368,11 @@ def test_gpu_no_gate_and_paper_shape_slice(variant, dtype):
 @requires_gpu
 def test_gpu_backward_is_deterministic(variant):
     skip_if_same_kernels(variant, torch.bfloat16)
-    x, kernel, gate = _inputs((2, 64, 32, 32, 4, 7), device="cuda", dtype=torch.bfloat16)
+    x, weights, gate = _inputs((2, 64, 32, 32, 4, 7), device="cuda", dtype=torch.bfloat16)
     grad_out = torch.randn_like(x)
-    first = run(triton_conv(variant, 7, 4), (x, kernel, gate), grad_out)
+    first = run(triton_conv(variant, 7, 4), (x, weights, gate), grad_out)
     for _ in range(3):
-        again = run(triton_conv(variant, 7, 4), (x, kernel, gate), grad_out)
+        again = run(triton_conv(variant, 7, 4), (x, weights, gate), grad_out)
         for a, b in zip((first[0], *first[1]), (again[0], *again[1])):
             assert torch.equal(a, b)
 
@@ -384,14 +384,14 @@ def test_gpu_backward_is_deterministic(variant):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_gpu_opcheck(variant, with_gate, mode, layout):
     skip_if_same_kernels(variant, torch.float32)
-    x, kernel, gate = (
+    x, weights, gate = (
         t.requires_grad_() if t is not None else None
         for t in _inputs((2, 8, 6, 7, 2, 3), device="cuda", gate=with_gate, layout=layout)
     )
     backend = get_backend("triton")
     config = (3, 2, *mode_args(mode), variant)
-    torch.library.opcheck(backend.forward, (x, kernel, gate, *config))
-    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
+    torch.library.opcheck(backend.forward, (x, weights, gate, *config))
+    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, weights, gate)]
     torch.library.opcheck(backend.backward, (*detached, *config))
 
 
@@ -403,16 +403,16 @@ def test_gpu_torch_compile_fullgraph_traces_into_kernels(variant, dtype, mode):
     torch._dynamo.reset()
     G, K = 2, 5
 
-    def f(x, kernel, gate):
-        return window_conv(x * 2, kernel, gate, kernel_size=K, num_heads=G, backend=spec(variant), **mode).square()
+    def f(x, weights, gate):
+        return window_conv(x * 2, weights, gate, kernel_size=K, num_heads=G, backend=spec(variant), **mode).square()
 
-    x, kernel, gate = (t.requires_grad_() for t in _inputs((2, 16, 11, 12, G, K), dtype, "cuda"))
+    x, weights, gate = (t.requires_grad_() for t in _inputs((2, 16, 11, 12, G, K), dtype, "cuda"))
     compiled = torch.compile(f, fullgraph=True)
-    out = compiled(x, kernel, gate)
-    expected = f(x, kernel, gate)
+    out = compiled(x, weights, gate)
+    expected = f(x, weights, gate)
     torch.testing.assert_close(out, expected, **TOL[dtype])
-    got = torch.autograd.grad(out.sum(), (x, kernel, gate))
-    want = torch.autograd.grad(expected.sum(), (x, kernel, gate))
+    got = torch.autograd.grad(out.sum(), (x, weights, gate))
+    want = torch.autograd.grad(expected.sum(), (x, weights, gate))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
