@@ -150,7 +150,7 @@ def check_tensors(
     format (the gradients of ``unfold`` are autograd's, whatever their layout). ``mode``: the
     window_conv keywords ``dilation``, ``border``, ``normalize`` (default: sgdc_conv's)."""
     x = tensors[0]
-    check_strides = get_backend(backend).backward is not None
+    check_strides = get_backend(backend.partition("@")[0]).backward is not None
     dtype = x.dtype
     grad_out = torch.randn(x.shape, device=x.device).to(dtype)
     out, grads = forward_backward(backend_fn(backend, kernel_size, num_heads, mode), tensors, grad_out)

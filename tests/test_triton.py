@@ -5,8 +5,8 @@ weights).
 Without a GPU, conftest.py sets TRITON_INTERPRET=1 and these tests run the very same kernels on CPU
 tensors through Triton's interpreter (slow, so the shapes are tiny). With a GPU they run on CUDA
 tensors in float32, float16 and bfloat16, plus K up to 17, torch.compile and opcheck. Each test
-that runs kernels does so for every variant of SGDC_TRITON_VARIANT whose kernels differ for its
-dtype (a variant that runs the same kernels as an earlier one is skipped, saying so).
+that runs kernels does so for every kernel variant (``backend="triton@<variant>"``) whose kernels
+differ for its dtype (a variant that runs the same kernels as an earlier one is skipped, saying so).
 """
 
 import dataclasses
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sgdc_kernels import available_backends, get_backend, registry, sgdc_conv, window_conv
-from sgdc_kernels.custom_ops import FLOATING_GPU
+from sgdc_kernels.custom_ops import BACKWARD_SCHEMA, FLOATING_GPU, FORWARD_SCHEMA
 from sgdc_kernels.testing import TOLERANCES as TOL
 from sgdc_kernels.testing import (
     assert_close,
@@ -34,7 +34,7 @@ from sgdc_kernels.testing import (
 from sgdc_kernels.testing import forward_backward as run
 
 try:
-    from sgdc_kernels.triton_ops import sgdc_conv as impl
+    from sgdc_kernels.triton_ops import ops as impl
 except ImportError:  # no triton here: every test below skips
     impl = None
 
@@ -50,23 +50,27 @@ def _inputs(shape, dtype=torch.float32, device="cpu", gate=True, layout="nchw"):
     return make_inputs(shape, dtype, device, gate=gate, memory_format=LAYOUTS[layout])
 
 
-def triton_conv(K, G):
-    return backend_fn("triton", K, G)
+def spec(variant):
+    """The backend argument that selects ``variant``, as a user selects it."""
+    return f"triton@{variant}"
 
 
-def check_against_oracle(shape, dtype, device, with_gate, layout, scale=2.0):
+def triton_conv(variant, K, G):
+    return backend_fn(spec(variant), K, G)
+
+
+def check_against_oracle(variant, shape, dtype, device, with_gate, layout, scale=2.0):
     *_, G, K = shape
     tensors = make_inputs(shape, dtype, device, gate=with_gate, memory_format=LAYOUTS[layout], scale=scale)
-    check_tensors("triton", tensors, K, G)
+    check_tensors(spec(variant), tensors, K, G)
 
 
 VARIANTS = impl.VARIANTS if impl is not None else ()
 
 
 @pytest.fixture(params=VARIANTS)
-def variant(request, monkeypatch):
-    """Each kernel variant in turn, selected as a user would, through the environment."""
-    monkeypatch.setenv(impl.VARIANT_ENV, request.param)
+def variant(request):
+    """Each kernel variant in turn; the tests select it as ``backend=spec(variant)``."""
     return request.param
 
 
@@ -126,7 +130,7 @@ def _case_id(case):
 def test_interpreter_matches_oracle(variant, case):
     skip_if_same_kernels(variant, torch.float32)
     shape, with_gate, layout, scale = case
-    check_against_oracle(shape, torch.float32, "cpu", with_gate, layout, scale)
+    check_against_oracle(variant, shape, torch.float32, "cpu", with_gate, layout, scale)
 
 
 @requires_interpreter
@@ -141,7 +145,7 @@ def test_interpreter_several_tiles_and_channel_blocks(variant, monkeypatch, layo
     assert impl.INTERPRET_DOT_BLOCKS == {"BW": 16, "BLOCK_C": 16}
     band = impl.kernel_family(variant, torch.float32) == "band"
     shape = (1, 34, 2, 35, 1, 3) if band else (1, 10, 7, 6, 2, 3)
-    check_against_oracle(shape, torch.float32, "cpu", True, layout, 30.0)
+    check_against_oracle(variant, shape, torch.float32, "cpu", True, layout, 30.0)
 
 
 @requires_interpreter
@@ -152,7 +156,7 @@ def test_interpreter_several_segments_per_residue_class(variant, monkeypatch):
     monkeypatch.setitem(impl.INTERPRET_BLOCKS, "BLOCK_P", 16)
     band = impl.kernel_family(variant, torch.float32) == "band"
     shape = (1, 2, 6, 35, 1, 3) if band else (1, 4, 7, 6, 2, 3)
-    check_backend("triton", shape, mode=dict(dilation=2, border="clamp"), memory_format=torch.channels_last)
+    check_backend(spec(variant), shape, mode=dict(dilation=2, border="clamp"), memory_format=torch.channels_last)
 
 
 @requires_interpreter
@@ -168,9 +172,9 @@ def test_interpreter_16_bit(variant, dtype, layout):
     tensors = make_inputs(shape, dtype, gate=True, memory_format=LAYOUTS[layout], scale=30.0)
     grad_out = torch.randn(B, C, H, W).to(dtype)
     backend = get_backend("triton")
-    out, grads = run(lambda x, k, g: backend.forward(x, k, g, K, G, 1, False, True), tensors, grad_out)
+    out, grads = run(lambda x, k, g: backend.forward(x, k, g, K, G, 1, False, True, variant), tensors, grad_out)
     ref_out, ref_grads = run(oracle(K, G), tensors, grad_out.double())
-    for name, got, want in zip(("out", "d_x", "d_kernel", "d_gate"), (out, *grads), (ref_out, *ref_grads)):
+    for name, got, want in zip(("out", "d_x", "d_weights", "d_gate"), (out, *grads), (ref_out, *ref_grads)):
         assert got.dtype == dtype, name
         assert_close(got, want, dtype, name)
 
@@ -188,7 +192,7 @@ def test_interpreter_configurations(variant, all_dtypes, mode, dtype):
     n = 3 * mode["dilation"]
     layout = list(LAYOUTS)[(k + (dtype == torch.bfloat16)) % 2]
     gate = (k + k // 4) % 2 == 0
-    check_backend("triton", (1, 4, n + 2, n + 3, 2, 3), dtype, mode=mode, memory_format=LAYOUTS[layout], gate=gate)
+    check_backend(spec(variant), (1, 4, n + 2, n + 3, 2, 3), dtype, mode=mode, memory_format=LAYOUTS[layout], gate=gate)
 
 
 K17_CASES = [
@@ -208,16 +212,16 @@ def test_interpreter_kernel_size_17(variant, monkeypatch, case):
     skip_if_same_kernels(variant, torch.float32)
     monkeypatch.setitem(impl.INTERPRET_BLOCKS, "BLOCK_P", 512)
     shape, mode, with_gate, layout = case
-    check_backend("triton", shape, mode=mode, gate=with_gate, memory_format=LAYOUTS[layout])
+    check_backend(spec(variant), shape, mode=mode, gate=with_gate, memory_format=LAYOUTS[layout])
 
 
 @requires_interpreter
 def test_interpreter_backward_is_deterministic(variant):
     skip_if_same_kernels(variant, torch.float32)
-    x, kernel, gate = _inputs((1, 4, 5, 5, 2, 3))
+    x, weights, gate = _inputs((1, 4, 5, 5, 2, 3))
     grad_out = torch.randn_like(x)
-    first = run(triton_conv(3, 2), (x, kernel, gate), grad_out)
-    second = run(triton_conv(3, 2), (x, kernel, gate), grad_out)
+    first = run(triton_conv(variant, 3, 2), (x, weights, gate), grad_out)
+    second = run(triton_conv(variant, 3, 2), (x, weights, gate), grad_out)
     for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
         assert torch.equal(a, b)
 
@@ -227,12 +231,12 @@ def test_interpreter_empty_tensors(variant):
     skip_if_same_kernels(variant, torch.float32)
     for B, C, H, W in [(0, 4, 5, 5), (2, 4, 0, 3)]:
         x = torch.randn(B, C, H, W, requires_grad=True)
-        kernel = torch.randn(B, 2 * 9, H, W, requires_grad=True)
+        weights = torch.randn(B, 2 * 9, H, W, requires_grad=True)
         gate = torch.randn(B, C, H, W, requires_grad=True)
-        out = sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=2, backend="triton")
+        out = sgdc_conv(x, weights, gate, kernel_size=3, num_heads=2, backend=spec(variant))
         assert out.shape == x.shape
         out.sum().backward()
-        assert x.grad.shape == x.shape and kernel.grad.shape == kernel.shape and gate.grad.shape == gate.shape
+        assert x.grad.shape == x.shape and weights.grad.shape == weights.shape and gate.grad.shape == gate.shape
 
 
 @requires_interpreter
@@ -242,43 +246,61 @@ def test_interpreter_empty_tensors(variant):
 def test_interpreter_opcheck(with_gate, mode):
     # Eager checks only: under the interpreter the kernels cannot be traced into a graph
     # (torch.compile and test_aot_dispatch_dynamic need a GPU; see test_gpu_opcheck).
-    x, kernel, gate = (
+    x, weights, gate = (
         t.requires_grad_() if t is not None else None for t in _inputs((1, 4, 6, 7, 2, 3), gate=with_gate)
     )
     backend = get_backend("triton")
-    config = (3, 2, *mode_args(mode))
+    config = (3, 2, *mode_args(mode), backend.variant_for(*mode_args(mode)))
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(backend.forward, (x, kernel, gate, *config), test_utils=checks)
-    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
+    torch.library.opcheck(backend.forward, (x, weights, gate, *config), test_utils=checks)
+    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, weights, gate)]
     torch.library.opcheck(backend.backward, (*detached, *config), test_utils=("test_schema", "test_faketensor"))
 
 
 @requires_interpreter
-def test_variant_is_read_at_each_call(monkeypatch):
+def test_variant_selects_the_kernels_at_each_call(monkeypatch):
     launched = []
     real_launch = impl._launch
     monkeypatch.setattr(
         impl, "_launch", lambda kernel, *a, **kw: launched.append(kernel.__name__) or real_launch(kernel, *a, **kw)
     )
-    x, kernel, gate = _inputs((1, 2, 3, 3, 1, 3))
+    x, weights, gate = _inputs((1, 2, 3, 3, 1, 3))
     for name, expected in [
         ("v1", "_sgdc_fwd_kernel"),
         ("v2dot", "_sgdc_fwd_dot_kernel"),
         ("v2dot16", "_sgdc_fwd_kernel"),
     ]:
-        monkeypatch.setenv(impl.VARIANT_ENV, name)
-        sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=1, backend="triton")
+        sgdc_conv(x, weights, gate, kernel_size=3, num_heads=1, backend=spec(name))
         assert launched[-1] == expected, name
-    monkeypatch.delenv(impl.VARIANT_ENV)
-    assert impl.variant() == VARIANTS[0]
+    # the operator's argument itself, and the default when a call names no variant
+    get_backend("triton").forward(x, weights, gate, 3, 1, 1, False, True, "v2dot")
+    assert launched[-1] == "_sgdc_fwd_dot_kernel"
+    assert get_backend("triton").variants == VARIANTS
+    assert registry.resolve("triton", "cpu", torch.float32, 1, False, True) == ("triton", VARIANTS[0])
+    sgdc_conv(x, weights, gate, kernel_size=3, num_heads=1, backend="triton")
+    assert launched[-1] == "_sgdc_fwd_kernel"  # v2dot16 runs the taps kernels on float32
 
 
 @requires_interpreter
-def test_unknown_variant_names_the_variable_and_the_choices(monkeypatch):
-    monkeypatch.setenv(impl.VARIANT_ENV, "v9")
-    x, kernel, gate = _inputs((1, 2, 3, 3, 1, 3))
-    with pytest.raises(ValueError, match=r"SGDC_TRITON_VARIANT='v9'.*v2dot16, v2dot, v1"):
-        sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=1, backend="triton")
+def test_unknown_variant_names_the_choices():
+    x, weights, gate = _inputs((1, 2, 3, 3, 1, 3))
+    with pytest.raises(
+        ValueError, match=r"unknown variant 'v9' of 'triton'; expected 'all' or one of v2dot16, v2dot, v1"
+    ):
+        sgdc_conv(x, weights, gate, kernel_size=3, num_heads=1, backend="triton@v9")
+    backend = get_backend("triton")
+    not_a_variant = r"variant: 'v9' is not a triton kernel variant; expected one of v2dot16, v2dot, v1"
+    with pytest.raises(ValueError, match=not_a_variant):
+        backend.forward(x, weights, gate, 3, 1, 1, False, True, "v9")
+    with pytest.raises(ValueError, match=not_a_variant):
+        backend.backward(torch.randn_like(x), x, weights, gate, 3, 1, 1, False, True, "v9")
+
+
+def test_operators_have_the_shared_schemas():
+    if impl is None:
+        pytest.skip("triton is not installed")
+    assert str(torch.ops.sgdc.triton_forward.default._schema) == "sgdc::triton_forward" + FORWARD_SCHEMA
+    assert str(torch.ops.sgdc.triton_backward.default._schema) == "sgdc::triton_backward" + BACKWARD_SCHEMA
 
 
 def test_backend_declares_devices_and_dtypes():
@@ -316,7 +338,7 @@ GPU_CASES = [
 )
 def test_gpu_matches_oracle(variant, dtype, shape, with_gate, layout):
     skip_if_same_kernels(variant, dtype)
-    check_against_oracle(shape, dtype, "cuda", with_gate, layout, scale=30.0 if shape[-1] == 7 else 2.0)
+    check_against_oracle(variant, shape, dtype, "cuda", with_gate, layout, scale=30.0 if shape[-1] == 7 else 2.0)
 
 
 @requires_gpu
@@ -329,24 +351,24 @@ def test_gpu_configurations(variant, dtype, mode):
     skip_if_same_kernels(variant, dtype)
     n = 17 * mode["dilation"]
     layout = torch.channels_last if MODES.index(mode) % 2 else torch.contiguous_format
-    check_backend("triton", (2, 96, n + 7, n + 37, 2, 17), dtype, "cuda", mode=mode, memory_format=layout)
+    check_backend(spec(variant), (2, 96, n + 7, n + 37, 2, 17), dtype, "cuda", mode=mode, memory_format=layout)
 
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=lambda d: str(d)[6:])
 def test_gpu_no_gate_and_paper_shape_slice(variant, dtype):
     skip_if_same_kernels(variant, dtype)
-    check_against_oracle((2, 64, 32, 32, 4, 7), dtype, "cuda", False, "nchw")
+    check_against_oracle(variant, (2, 64, 32, 32, 4, 7), dtype, "cuda", False, "nchw")
 
 
 @requires_gpu
 def test_gpu_backward_is_deterministic(variant):
     skip_if_same_kernels(variant, torch.bfloat16)
-    x, kernel, gate = _inputs((2, 64, 32, 32, 4, 7), device="cuda", dtype=torch.bfloat16)
+    x, weights, gate = _inputs((2, 64, 32, 32, 4, 7), device="cuda", dtype=torch.bfloat16)
     grad_out = torch.randn_like(x)
-    first = run(triton_conv(7, 4), (x, kernel, gate), grad_out)
+    first = run(triton_conv(variant, 7, 4), (x, weights, gate), grad_out)
     for _ in range(3):
-        again = run(triton_conv(7, 4), (x, kernel, gate), grad_out)
+        again = run(triton_conv(variant, 7, 4), (x, weights, gate), grad_out)
         for a, b in zip((first[0], *first[1]), (again[0], *again[1])):
             assert torch.equal(a, b)
 
@@ -358,14 +380,14 @@ def test_gpu_backward_is_deterministic(variant):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_gpu_opcheck(variant, with_gate, mode, layout):
     skip_if_same_kernels(variant, torch.float32)
-    x, kernel, gate = (
+    x, weights, gate = (
         t.requires_grad_() if t is not None else None
         for t in _inputs((2, 8, 6, 7, 2, 3), device="cuda", gate=with_gate, layout=layout)
     )
     backend = get_backend("triton")
-    config = (3, 2, *mode_args(mode))
-    torch.library.opcheck(backend.forward, (x, kernel, gate, *config))
-    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, kernel, gate)]
+    config = (3, 2, *mode_args(mode), variant)
+    torch.library.opcheck(backend.forward, (x, weights, gate, *config))
+    detached = [t.detach() if t is not None else None for t in (torch.randn_like(x), x, weights, gate)]
     torch.library.opcheck(backend.backward, (*detached, *config))
 
 
@@ -377,16 +399,16 @@ def test_gpu_torch_compile_fullgraph_traces_into_kernels(variant, dtype, mode):
     torch._dynamo.reset()
     G, K = 2, 5
 
-    def f(x, kernel, gate):
-        return window_conv(x * 2, kernel, gate, kernel_size=K, num_heads=G, backend="triton", **mode).square()
+    def f(x, weights, gate):
+        return window_conv(x * 2, weights, gate, kernel_size=K, num_heads=G, backend=spec(variant), **mode).square()
 
-    x, kernel, gate = (t.requires_grad_() for t in _inputs((2, 16, 11, 12, G, K), dtype, "cuda"))
+    x, weights, gate = (t.requires_grad_() for t in _inputs((2, 16, 11, 12, G, K), dtype, "cuda"))
     compiled = torch.compile(f, fullgraph=True)
-    out = compiled(x, kernel, gate)
-    expected = f(x, kernel, gate)
+    out = compiled(x, weights, gate)
+    expected = f(x, weights, gate)
     torch.testing.assert_close(out, expected, **TOL[dtype])
-    got = torch.autograd.grad(out.sum(), (x, kernel, gate))
-    want = torch.autograd.grad(expected.sum(), (x, kernel, gate))
+    got = torch.autograd.grad(out.sum(), (x, weights, gate))
+    want = torch.autograd.grad(expected.sum(), (x, weights, gate))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[dtype])
 

@@ -1,7 +1,12 @@
 """Triton kernels for window_conv and sgdc_conv (installed as sgdc_kernels.triton_ops).
 
 Importing this module defines the operators ``sgdc::triton_forward`` / ``sgdc::triton_backward``
-(see sgdc_conv.py) and exposes them as :data:`BACKEND` for the registry (sgdc_kernels.registry).
+(ops.py) and exposes them as :data:`BACKEND` for the registry (sgdc_kernels.registry). The files:
+common.py (what both kernel families share: notation, configurations, layout, helpers, launch),
+taps.py (the per-tap kernels, variant v1), band.py (the band-matrix tl.dot kernels, variants
+v2dot and v2dot16), ops.py (the operators, the variants and the launch parameters), sm90.py
+(compiles every kernel for Hopper without a GPU and summarizes its SASS).
+
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors through Triton's interpreter (float32 only,
 slow: for testing the kernels' logic on machines without a GPU).
 """
@@ -10,7 +15,8 @@ import torch
 
 from sgdc_kernels.custom_ops import FLOATING_GPU, Backend
 
-from .sgdc_conv import INTERPRET, VARIANTS, sgdc_triton_backward, sgdc_triton_forward
+from .common import INTERPRET
+from .ops import VARIANTS, sgdc_triton_backward, sgdc_triton_forward
 
 BACKEND = Backend(
     "triton",

@@ -26,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-INTS = ["H", "W", "CG", "G", "sxb", "sxc", "sxp", "skb", "skc", "skp"]
+from . import band, ops, taps
+from .common import _geometry
+
+INTS = ["H", "W", "CG", "G", "sxb", "sxc", "sxp", "swb", "swc", "swp"]
 # Static instruction counts, by SASS opcode prefix (each one line of the listing).
 OPCODES = {"STL": r"\bSTL(\.|\s)", "LDG": r"\bLDG\.", "LDGSTS": r"\bLDGSTS\.", "LDS": r"\bLDS(\.|\s)",
            "LDSM": r"\bLDSM\.", "STS": r"\bSTS(\.|\s)", "STG": r"\bSTG\.", "HMMA": r"\bHMMA\.",
@@ -41,33 +44,33 @@ CONFIGS = {
 }
 
 
-def _kernels(m, config: str, dtype: str):
+def _kernels(config: str, dtype: str):
     """(name, kernel, pointer arguments, launch parameters) for every variant's kernels, at the
     launch parameters the operators would pick on a GPU for ``config``."""
     (_, C, H, W, G, K), dilation, clamp, softmax, gate = CONFIGS[config]
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     mode = {"K": K, "HAS_GATE": gate, "D": dilation, "CLAMP": clamp, "SOFTMAX": softmax}
-    taps = {**m._blocks(C // G, H * W), **mode}
-    band = {**m._dot_blocks(C // G, K, torch_dtype), **mode, "SPLIT": dtype != "fp32" and softmax}
-    band_dx = {**band, "HALO": m._dx_halo(band, K, clamp)}
+    taps_params = {**ops._blocks(C // G, H * W), **mode}
+    band_params = {**ops._dot_blocks(C // G, K, torch_dtype), **mode, "SPLIT": dtype != "fp32" and softmax}
+    band_dx_params = {**band_params, "HALO": ops._dx_halo(band_params, K, clamp)}
     lse, dp = ("lse_ptr", "fp32"), ("dp_ptr", "fp32")
-    yield "v1 forward", m._sgdc_fwd_kernel, ["x_ptr", "k_ptr", "g_ptr", "out_ptr"], taps
-    yield "v1 backward taps", m._sgdc_bwd_taps_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr",
-                                                        "gy_ptr", dp, lse], taps  # fmt: skip
-    yield "v1 backward dx", m._sgdc_bwd_dx_kernel, ["gy_ptr", "k_ptr", lse, "dx_ptr"], taps
-    yield "band forward", m._sgdc_fwd_dot_kernel, ["x_ptr", "k_ptr", "g_ptr", "out_ptr"], band
-    yield "band backward", m._sgdc_bwd_dot_kernel, ["dout_ptr", "x_ptr", "k_ptr", "g_ptr", "dk_ptr", "dg_ptr",
-                                                    "gy_ptr", lse], band  # fmt: skip
-    yield "band backward dx", m._sgdc_bwd_dx_dot_kernel, ["gy_ptr", "k_ptr", lse, "dx_ptr"], band_dx
+    yield "v1 forward", taps._sgdc_fwd_kernel, ["x_ptr", "w_ptr", "g_ptr", "out_ptr"], taps_params
+    yield "v1 backward taps", taps._sgdc_bwd_taps_kernel, ["dout_ptr", "x_ptr", "w_ptr", "g_ptr", "dw_ptr", "dg_ptr",
+                                                           "gy_ptr", dp, lse], taps_params  # fmt: skip
+    yield "v1 backward dx", taps._sgdc_bwd_dx_kernel, ["gy_ptr", "w_ptr", lse, "dx_ptr"], taps_params
+    yield "band forward", band._sgdc_fwd_dot_kernel, ["x_ptr", "w_ptr", "g_ptr", "out_ptr"], band_params
+    yield "band backward", band._sgdc_bwd_dot_kernel, ["dout_ptr", "x_ptr", "w_ptr", "g_ptr", "dw_ptr", "dg_ptr",
+                                                       "gy_ptr", lse], band_params  # fmt: skip
+    yield "band backward dx", band._sgdc_bwd_dx_dot_kernel, ["gy_ptr", "w_ptr", lse, "dx_ptr"], band_dx_params
 
 
-def _integer_arguments(m, shape, layout: str) -> dict:
+def _integer_arguments(shape, layout: str) -> dict:
     """The integer arguments of a launch on tensors of ``shape`` in ``layout`` (strides included)."""
     B, C, H, W, G, K = shape
     fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}[layout]
     x = torch.empty(B, C, H, W, device="meta").contiguous(memory_format=fmt)
-    kernel = torch.empty(B, G * K * K, H, W, device="meta").contiguous(memory_format=fmt)
-    return dict(zip(INTS, m._geometry(x, kernel, G)))
+    weights = torch.empty(B, G * K * K, H, W, device="meta").contiguous(memory_format=fmt)
+    return dict(zip(INTS, _geometry(x, weights, G)))
 
 
 def _sass_stats(cubin: bytes, tool: Path) -> tuple[dict, str]:
@@ -95,15 +98,13 @@ def compile_all(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import sgdc_conv as m
-
     mode_keys = ("K", "HAS_GATE", "D", "CLAMP", "SOFTMAX")
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rows = []
     for config, layout in itertools.product(configs, layouts):
-        ints = _integer_arguments(m, CONFIGS[config][0], layout)
+        ints = _integer_arguments(CONFIGS[config][0], layout)
         for dtype in dtypes:
-            for name, kernel, pointers, params in _kernels(m, config, dtype):
+            for name, kernel, pointers, params in _kernels(config, dtype):
                 consts = {k: v for k, v in params.items() if k in kernel.arg_names}
                 consts.update({k: 1 for k, v in ints.items() if v == 1})
                 signature = {}
