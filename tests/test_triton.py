@@ -7,6 +7,8 @@ tensors through Triton's interpreter (slow, so the shapes are tiny). With a GPU 
 tensors in float32, float16 and bfloat16, plus K up to 17, torch.compile and opcheck. Each test
 that runs kernels does so for every kernel variant (``backend="triton@<variant>"``) whose kernels
 differ for its dtype (a variant that runs the same kernels as an earlier one is skipped, saying so).
+The file keeps the interpreter and the GPU tests of the backend together (about 450 lines), so that
+one command runs everything the backend is checked by.
 """
 
 import dataclasses
