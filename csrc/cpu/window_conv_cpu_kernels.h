@@ -25,6 +25,10 @@
 #include <cstring>
 #include <new>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "window_conv_cpu_isa.h"
 
 namespace sgdc {
@@ -121,50 +125,311 @@ inline void st(T* p, A v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Math
-
-// exp(x) in float32: Cody-Waite reduction by ln 2 and a degree-6 polynomial (Cephes' expf, about
-// 1 ulp), branch-free so that loops over it vectorize. The power of two is applied in two halves,
-// so that subnormal results (x down to -103.97) come out as libm's do: a softmax weight that
-// underflows to a subnormal still turns an infinite input into an infinity, not a NaN. x > 88.72
-// gives inf, x < -103.97 gives 0, NaN stays NaN.
-inline float exp_poly(float x) {
-  float xc = x < -104.0f ? -104.0f : x;
-  xc = xc > 88.8f ? 88.8f : xc;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  // 2^n = 2^h * 2^(n-h) with h = floor(n/2): both normal for n in [-150, 128]; a NaN x leaves p
-  // NaN, and n is replaced by 0 before its conversion to an integer
-  const int32_t e = static_cast<int32_t>(n == n ? n : 0.0f);
-  const int32_t h = e >> 1;
-  const float y = p * bits_to_float(static_cast<uint32_t>(h + 127) << 23) *
-                  bits_to_float(static_cast<uint32_t>(e - h + 127) << 23);
-  const float big = bits_to_float(0x7f800000u);
-  return x > 88.7228394f ? big : (x < -103.972084f ? 0.0f : y);
-}
-
-inline float exp_acc(float x) { return exp_poly(x); }
-inline double exp_acc(double x) { return __builtin_exp(x); }
-
-template <class A>
-inline A sigmoid(A g) {
-  return A(1) / (A(1) + exp_acc(-g));
-}
+// Integers
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---------------------------------------------------------------------------------------------
+// Vectors: GCC/Clang vector extensions as wide as the instruction set's registers (64 bytes with
+// AVX-512, 32 with AVX2, 16 otherwise), which the compiler lowers to that instruction set. Plain
+// arrays of accumulators would say the same, but GCC 12 keeps some of them in memory across loop
+// iterations; vector-typed locals stay in registers.
+
+#if defined(__AVX512F__)
+#define SGDC_VEC_BYTES 64
+#elif defined(__AVX2__)
+#define SGDC_VEC_BYTES 32
+#else
+#define SGDC_VEC_BYTES 16
+#endif
+
+typedef float vf __attribute__((vector_size(SGDC_VEC_BYTES)));
+typedef double vd __attribute__((vector_size(SGDC_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(SGDC_VEC_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(SGDC_VEC_BYTES)));
+typedef int64_t vl __attribute__((vector_size(SGDC_VEC_BYTES)));
+typedef uint16_t vh __attribute__((vector_size(SGDC_VEC_BYTES / 2)));  // one uint16 per float lane
+
+template <class A>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef vf type;
+  typedef vi mask;
+  static constexpr int N = SGDC_VEC_BYTES / 4;
+};
+template <>
+struct Vec<double> {
+  typedef vd type;
+  typedef vl mask;
+  static constexpr int N = SGDC_VEC_BYTES / 8;
+};
+
+template <class A>
+inline typename Vec<A>::type splat(A s) {
+  const typename Vec<A>::type z = {};
+  return z + s;
+}
+
+inline vf vfma(vf a, vf b, vf c) {
+#if SGDC_VEC_BYTES == 64
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif SGDC_VEC_BYTES == 32 && defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+inline vd vfma(vd a, vd b, vd c) {
+#if SGDC_VEC_BYTES == 64
+  return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif SGDC_VEC_BYTES == 32 && defined(__FMA__)
+  return (vd)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Full vectors of N lanes from and to storage, converted (as the scalar Convert).
+template <class A, class T>
+struct VConvert;
+template <>
+struct VConvert<float, float> {
+  static vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+};
+template <>
+struct VConvert<double, double> {
+  static vd load(const double* p) {
+    vd v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void store(double* p, vd v) { std::memcpy(p, &v, sizeof v); }
+};
+template <>
+struct VConvert<float, bf16> {
+  static vf load(const bf16* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static void store(bf16* p, vf v) {
+    const vu u = (vu)v;
+    const vu quiet = (vu){} + 0x7fc0u;
+    const vu r = ((u & 0x7fffffffu) > 0x7f800000u) ? quiet : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vh h = __builtin_convertvector(r, vh);
+    std::memcpy(p, &h, sizeof h);
+  }
+};
+template <>
+struct VConvert<float, f16> {
+  static vf load(const f16* p) {
+#if SGDC_VEC_BYTES == 64
+    // maskz: the unmasked intrinsics start from an undefined register, which GCC 12 warns about
+    return (vf)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif SGDC_VEC_BYTES == 32 && defined(__F16C__)
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    vf v;
+    for (int l = 0; l < Vec<float>::N; ++l) v[l] = f16_to_float(p[l].bits);
+    return v;
+#endif
+  }
+  static void store(f16* p, vf v) {
+#if SGDC_VEC_BYTES == 64
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_maskz_cvtps_ph(0xffff, (__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif SGDC_VEC_BYTES == 32 && defined(__F16C__)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    for (int l = 0; l < Vec<float>::N; ++l) p[l].bits = float_to_f16(v[l]);
+#endif
+  }
+};
+
+// The first n < N lanes, the others zero: masked loads and stores where the instruction set has
+// them, a copy through a small array elsewhere.
+template <class A, class T>
+struct VPartial {
+  static typename Vec<A>::type load(const T* p, int64_t n) {
+    T tmp[Vec<A>::N];
+    std::memset(static_cast<void*>(tmp), 0, sizeof tmp);
+    std::memcpy(static_cast<void*>(tmp), p, static_cast<size_t>(n) * sizeof(T));
+    return VConvert<A, T>::load(tmp);
+  }
+  static void store(T* p, typename Vec<A>::type v, int64_t n) {
+    T tmp[Vec<A>::N];
+    VConvert<A, T>::store(tmp, v);
+    std::memcpy(static_cast<void*>(p), tmp, static_cast<size_t>(n) * sizeof(T));
+  }
+};
+#if SGDC_VEC_BYTES == 64
+inline __mmask16 lanes16(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+template <>
+struct VPartial<float, float> {
+  static vf load(const float* p, int64_t n) { return (vf)_mm512_maskz_loadu_ps(lanes16(n), p); }
+  static void store(float* p, vf v, int64_t n) { _mm512_mask_storeu_ps(p, lanes16(n), (__m512)v); }
+};
+template <>
+struct VPartial<double, double> {
+  static vd load(const double* p, int64_t n) { return (vd)_mm512_maskz_loadu_pd(static_cast<__mmask8>(lanes16(n)), p); }
+  static void store(double* p, vd v, int64_t n) {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>(lanes16(n)), (__m512d)v);
+  }
+};
+template <>
+struct VPartial<float, bf16> {
+  static vf load(const bf16* p, int64_t n) {
+    const vh h = (vh)_mm256_maskz_loadu_epi16(lanes16(n), p);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static void store(bf16* p, vf v, int64_t n) {
+    bf16 tmp[16];
+    VConvert<float, bf16>::store(tmp, v);
+    _mm256_mask_storeu_epi16(p, lanes16(n), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tmp)));
+  }
+};
+template <>
+struct VPartial<float, f16> {
+  static vf load(const f16* p, int64_t n) {
+    return (vf)_mm512_maskz_cvtph_ps(0xffff, _mm256_maskz_loadu_epi16(lanes16(n), p));
+  }
+  static void store(f16* p, vf v, int64_t n) {
+    _mm256_mask_storeu_epi16(p, lanes16(n),
+                             _mm512_maskz_cvtps_ph(0xffff, (__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+};
+#elif SGDC_VEC_BYTES == 32
+inline __m256i lanes8(int64_t n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+template <>
+struct VPartial<float, float> {
+  static vf load(const float* p, int64_t n) { return (vf)_mm256_maskload_ps(p, lanes8(n)); }
+  static void store(float* p, vf v, int64_t n) { _mm256_maskstore_ps(p, lanes8(n), (__m256)v); }
+};
+template <>
+struct VPartial<double, double> {
+  static __m256i lanes4(int64_t n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+  static vd load(const double* p, int64_t n) { return (vd)_mm256_maskload_pd(p, lanes4(n)); }
+  static void store(double* p, vd v, int64_t n) { _mm256_maskstore_pd(p, lanes4(n), (__m256d)v); }
+};
+#endif
+
+// n lanes: a full vector when n >= N, else the first n (the others zero).
+template <class A, class T>
+inline typename Vec<A>::type vload(const T* p, int64_t n) {
+  if (n >= Vec<A>::N) return VConvert<A, T>::load(p);
+  return VPartial<A, T>::load(p, n);
+}
+template <class A, class T>
+inline typename Vec<A>::type vload(const T* p) {
+  return VConvert<A, T>::load(p);
+}
+template <class A, class T>
+inline void vstore(T* p, typename Vec<A>::type v, int64_t n) {
+  if (n >= Vec<A>::N) return VConvert<A, T>::store(p, v);
+  VPartial<A, T>::store(p, v, n);
+}
+
+// max(a, x) and min(a, x) per lane, x where x is NaN (the rule of x86's maxps/minps for their
+// second operand)
+inline vf vmax_nan(vf a, vf x) {
+#if SGDC_VEC_BYTES == 64
+  return (vf)_mm512_maskz_max_ps(0xffff, (__m512)a, (__m512)x);  // maskz: see VConvert<float, f16>
+#elif SGDC_VEC_BYTES == 32
+  return (vf)_mm256_max_ps((__m256)a, (__m256)x);
+#elif defined(__SSE2__)
+  return (vf)_mm_max_ps((__m128)a, (__m128)x);
+#else
+  return a > x ? a : x;
+#endif
+}
+inline vf vmin_nan(vf a, vf x) {
+#if SGDC_VEC_BYTES == 64
+  return (vf)_mm512_maskz_min_ps(0xffff, (__m512)a, (__m512)x);
+#elif SGDC_VEC_BYTES == 32
+  return (vf)_mm256_min_ps((__m256)a, (__m256)x);
+#elif defined(__SSE2__)
+  return (vf)_mm_min_ps((__m128)a, (__m128)x);
+#else
+  return a < x ? a : x;
+#endif
+}
+
+// exp(x) in float32 per lane: Cody-Waite reduction by ln 2 and a degree-6 polynomial (Cephes'
+// expf, about 1 ulp), then the power of two applied with one rounding, so that subnormal results
+// (x down to -103.97) come out as libm's do: a softmax weight that underflows to a subnormal still
+// turns an infinite input into an infinity, not a NaN. x is clamped to [-104, 88.8], where the
+// scaling itself gives 0 and inf; NaN passes the clamps and stays NaN. About 17 operations with
+// AVX-512 (vscalefps applies 2^n), 24 without.
+inline vf vexp(vf x) {
+  const vf xc = vmin_nan(splat(88.8f), vmax_nan(splat(-104.0f), x));
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = vfma(xc, splat(1.44269504088896341f), magic);
+  const vf n = t - magic;
+  vf r = vfma(n, splat(-0.693359375f), xc);
+  r = vfma(n, splat(2.12194440e-4f), r);
+  vf p = splat(1.9875691500e-4f);
+  p = vfma(p, r, splat(1.3981999507e-3f));
+  p = vfma(p, r, splat(8.3334519073e-3f));
+  p = vfma(p, r, splat(4.1665795894e-2f));
+  p = vfma(p, r, splat(1.6666665459e-1f));
+  p = vfma(p, r, splat(5.0000001201e-1f));
+  p = vfma(p, r * r, r + 1.0f);
+#if SGDC_VEC_BYTES == 64
+  return (vf)_mm512_maskz_scalef_ps(0xffff, (__m512)p, (__m512)n);
+#else
+  // 2^n = 2^h * 2^(n-h), h = floor(n/2): both normal for n in [-150, 128]
+  const vi e = (vi)t - (vi)magic;
+  const vi h = e >> 1;
+  return p * (vf)((h + 127) << 23) * (vf)((e - h + 127) << 23);
+#endif
+}
+inline vd vexp(vd x) {
+  for (int l = 0; l < Vec<double>::N; ++l) x[l] = __builtin_exp(x[l]);
+  return x;
+}
+template <class V>
+inline V vsigmoid(V g) {
+  return 1 / (1 + vexp(-g));
+}
+
+// Maximum (NaN lanes ignored) and sum of the lanes, by a butterfly: a fixed order of operations.
+template <class A>
+inline A hmax(typename Vec<A>::type v) {
+  for (int w = Vec<A>::N / 2; w > 0; w /= 2) {
+    typename Vec<A>::mask m;
+    for (int l = 0; l < Vec<A>::N; ++l) m[l] = l ^ w;
+    const typename Vec<A>::type o = __builtin_shuffle(v, m);
+    v = o > v ? o : v;
+  }
+  return v[0];
+}
+template <class A>
+inline A hsum(typename Vec<A>::type v) {
+  for (int w = Vec<A>::N / 2; w > 0; w /= 2) {
+    typename Vec<A>::mask m;
+    for (int l = 0; l < Vec<A>::N; ++l) m[l] = l ^ w;
+    v = v + __builtin_shuffle(v, m);
+  }
+  return v[0];
+}
+
+// ---------------------------------------------------------------------------------------------
 // Buffers and tables
+
+template <int I>
+struct IntTag {
+  static constexpr int value = I;
+};
 
 // An owning, zero-initialized array.
 template <class X>
@@ -242,6 +507,11 @@ struct Axis {
     }
   }
   int64_t pairs_begin(int64_t q) const { return in_off[q]; }
+  int64_t max_pairs() const {
+    int64_t m = 0;
+    for (int64_t q = 0; q < n; ++q) m = imax(m, in_off[q + 1] - in_off[q]);
+    return m;
+  }
   int64_t pairs_end(int64_t q) const { return in_off[q + 1]; }
   // smallest and largest output index reading q (q itself when none does)
   int64_t first_reader(int64_t q) const { return in_off[q] < in_off[q + 1] ? in_p[in_off[q]] : q; }
@@ -332,6 +602,9 @@ void parallel_items(const Parallel& par, int64_t n, const F& body) {
 
 template <class A, class T>
 struct Kernels {
+  using V = typename Vec<A>::type;
+  static constexpr int N = Vec<A>::N;  // lanes of a vector
+
   const Shape& s;
   const int64_t B, C, H, W, G, K, d, r, KK, Cg;
   const bool clamp, softmax;
@@ -344,28 +617,17 @@ struct Kernels {
     cols.build(W, K, d, clamp);
   }
 
-  // softmax over the KK values at p[t * stride], in place (max subtracted; NaN and +inf logits
-  // make the pixel NaN, -inf logits weigh 0)
-  static void softmax_strided(A* p, int64_t KK, int64_t stride) {
-    A m = p[0];
-    for (int64_t t = 1; t < KK; ++t) m = p[t * stride] > m ? p[t * stride] : m;
-    A sum = 0;
-    for (int64_t t = 0; t < KK; ++t) {
-      const A e = exp_acc(p[t * stride] - m);
-      p[t * stride] = e;
-      sum += e;
-    }
-    const A inv = A(1) / sum;
-    for (int64_t t = 0; t < KK; ++t) p[t * stride] *= inv;
-  }
+  static V load(const A* p) { return vload<A>(p); }
+  static void store(A* p, V v) { VConvert<A, A>::store(p, v); }
 
   // ---- NCHW
 
   int64_t x_index(int64_t b, int64_t c, int64_t i, int64_t j) const { return ((b * C + c) * H + i) * W + j; }
   int64_t w_index(int64_t b, int64_t ch, int64_t i, int64_t j) const { return ((b * G * KK + ch) * H + i) * W + j; }
 
-  // Rows of x staged as A, zero outside the image, over image columns [xlo, xhi): one slot per
-  // row of a window (a window's K rows fall in K distinct slots).
+  // Rows of x staged as A over image columns [xlo, xhi), zero outside the image: one slot per row
+  // of a window (the K rows of a window, S(p) + u*d, fall in K distinct slots), reused as long as
+  // consecutive output rows read them.
   struct XRing {
     Buf<A> data, zero;
     Buf<int64_t> tag;
@@ -377,77 +639,173 @@ struct Kernels {
       tag.reset(K);
       for (int64_t k = 0; k < K; ++k) tag[k] = -1;
     }
-    // channel c of image row i (any i; rows outside the image read zeros)
-    const A* row(int64_t i, int64_t c) const {
-      return i < 0 ? zero.p : data.p + ((i / d) % K * Cg + c) * width;
-    }
   };
 
-  void stage_nchw(XRing& ring, const T* x, int64_t b, int64_t c0, int64_t i) const {
-    if (i < 0 || i >= H) return;
+  // Channel c of image row i of the ring, as a pointer indexed by image column (rows outside the
+  // image, and c = -1, read zeros); stages the row first.
+  const A* stage(XRing& ring, const T* x, int64_t b, int64_t c0, int64_t i) const {
+    if (i < 0 || i >= H) return nullptr;
     const int64_t slot = (i / d) % K;
-    if (ring.tag[slot] == i) return;
-    ring.tag[slot] = i;
-    const int64_t ca = imax(ring.xlo, 0), cb = imin(ring.xlo + ring.width, W);
-    for (int64_t c = 0; c < Cg; ++c) {
-      A* dst = ring.data.p + (slot * Cg + c) * ring.width;
-      const T* src = x + x_index(b, c0 + c, i, 0);
-      for (int64_t col = ring.xlo; col < ca; ++col) dst[col - ring.xlo] = 0;
-      for (int64_t col = ca; col < cb; ++col) dst[col - ring.xlo] = ld<A>(src + col);
-      for (int64_t col = imax(cb, ring.xlo); col < ring.xlo + ring.width; ++col) dst[col - ring.xlo] = 0;
+    A* base = ring.data.p + slot * Cg * ring.width;
+    if (ring.tag[slot] != i) {
+      ring.tag[slot] = i;
+      const int64_t ca = imax(ring.xlo, 0), cb = imin(ring.xlo + ring.width, W);
+      for (int64_t c = 0; c < Cg; ++c) {
+        A* dst = base + c * ring.width - ring.xlo;
+        const T* src = x + x_index(b, c0 + c, i, 0);
+        for (int64_t col = ring.xlo; col < ca; ++col) dst[col] = 0;
+        int64_t col = ca;
+        for (; col + N <= cb; col += N) store(dst + col, vload<A>(src + col));
+        for (; col < cb; ++col) dst[col] = ld<A>(src + col);
+        for (col = imax(cb, ring.xlo); col < ring.xlo + ring.width; ++col) dst[col] = 0;
+      }
     }
-  }
-  const A* xrow(const XRing& ring, int64_t i, int64_t c) const {
-    return (i < 0 || i >= H) ? ring.zero.p : ring.row(i, c);
+    return base;
   }
 
-  void forward_nchw(const T* x, const T* w, const T* gate, T* out, const Parallel& par) const {
+  // x pointers of the window rows of output row p: xr[u * Cg + c] indexed by image column
+  void window_rows(XRing& ring, const T* x, int64_t b, int64_t g, int64_t p, const A** xr) const {
+    for (int64_t u = 0; u < K; ++u) {
+      const A* base = stage(ring, x, b, g * Cg, rows.start[p] + u * d);
+      for (int64_t c = 0; c < Cg; ++c)
+        xr[u * Cg + c] = (base ? base + c * ring.width : ring.zero.p) - ring.xlo;
+    }
+  }
+
+  template <class F>
+  void nchw_items(const Parallel& par, const F& item) const {
     const Split split(s, G, par.threads);
-    const int64_t items = B * G * split.bands * split.tiles;
-    parallel_items(par, items, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        int64_t rest = item;
-        const int64_t tile = rest % split.tiles;
-        rest /= split.tiles;
-        const int64_t band = rest % split.bands;
-        rest /= split.bands;
-        const int64_t g = rest % G, b = rest / G;
-        const int64_t qa = band * split.band_rows, qb = imin(H, qa + split.band_rows);
-        const int64_t ja = tile * split.tile_cols, jb = imin(W, ja + split.tile_cols);
-        forward_nchw_item(x, w, gate, out, b, g, qa, qb, Cols(cols, ja, jb));
+    parallel_items(par, B * G * split.bands * split.tiles, [&](int64_t begin, int64_t end) {
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t tile = it % split.tiles, band = it / split.tiles % split.bands;
+        const int64_t g = it / split.tiles / split.bands % G, b = it / split.tiles / split.bands / G;
+        const int64_t qa = band * split.band_rows, ja = tile * split.tile_cols;
+        item(b, g, qa, imin(H, qa + split.band_rows), Cols(cols, ja, imin(W, ja + split.tile_cols)));
       }
     });
   }
 
+  // whether columns [j, j + n) hold one whose window is not centred (a clamped border)
+  bool shifted(int64_t j, int64_t n) const {
+    if (!clamp) return false;
+    for (int64_t l = 0; l < n; ++l)
+      if (!cols.centred[j + l]) return true;
+    return false;
+  }
+  bool not_plain(int64_t j, int64_t n) const {
+    if (!clamp) return false;
+    for (int64_t l = 0; l < n; ++l)
+      if (!cols.plain_in[j + l]) return true;
+    return false;
+  }
+
+  void forward_nchw(const T* x, const T* w, const T* gate, T* out, const Parallel& par) const {
+    nchw_items(par, [&](int64_t b, int64_t g, int64_t qa, int64_t qb, const Cols& tc) {
+      forward_nchw_item(x, w, gate, out, b, g, qa, qb, tc);
+    });
+  }
+
+  // Prefetches (into the caches, ahead of use) columns [ja, ja + n) of `rows` rows of a
+  // tensor, row r at src + r * stride: the NCHW planes of one output row (K*K logits, Cg gates)
+  // are that many streams, more than the hardware prefetchers follow.
+  static void prefetch_rows(const T* src, int64_t rows_, int64_t stride, int64_t n) {
+    constexpr int64_t step = 64 / sizeof(T);
+    for (int64_t r_ = 0; r_ < rows_; ++r_)
+      for (int64_t j = 0; j < n; j += step) __builtin_prefetch(src + r_ * stride + j, 0, 2);
+  }
+
+  // The window sums of NB channels (c0 ...) at the N columns whose first tap is column `off` of
+  // the staged rows xr[u * Cg + c] (indexed by image column): per tap a load of the tap's weights
+  // (P[t * N ...]) and NB shifted loads of x, into NB accumulators. Channels past Cg read `zero`.
+  template <int NB>
+  void window_block(const A* P, const A* const* xr, const A* zero, int64_t c0, int64_t off, V* acc) const {
+    V a[NB];
+    const A* xc[NB];
+    for (int cb = 0; cb < NB; ++cb) a[cb] = V{};
+    for (int64_t u = 0; u < K; ++u) {
+      for (int cb = 0; cb < NB; ++cb) xc[cb] = (c0 + cb < Cg ? xr[u * Cg + c0 + cb] : zero) + off;
+      const A* Pu = P + u * K * N;
+      for (int64_t v = 0; v < K; ++v) {
+        const V pv = load(Pu + v * N);
+        for (int cb = 0; cb < NB; ++cb) a[cb] = vfma(pv, load(xc[cb] + v * d), a[cb]);
+      }
+    }
+    for (int cb = 0; cb < NB; ++cb) acc[cb] = a[cb];
+  }
+
+  // Per output row: per chunk of N columns, the exponentials of the chunk's logits (KK x N, in
+  // L1) and the reciprocal of their sum, then per block of 8 (or 4) channels the window sums in
+  // vector accumulators (window_block), scaled by the reciprocal and the gate; the columns of
+  // clamped borders (whose windows are not centred) are redone one by one.
   void forward_nchw_item(const T* x, const T* w, const T* gate, T* out, int64_t b, int64_t g, int64_t qa, int64_t qb,
                          const Cols& tc) const {
-    const int64_t TW = tc.jb - tc.ja;
-    Buf<A> P(KK * TW);
-    XRing ring(Cg, K, d, tc.xlo, tc.xhi);
-    Buf<const A*> xr(K * (Cg > 0 ? Cg : 1));
+    const int64_t TW = tc.jb - tc.ja, TWP = ceil_div(TW, N) * N;
+    XRing ring(Cg, K, d, imin(tc.xlo, tc.ja - r * d), imax(tc.xhi, tc.ja + TWP + r * d));
+    Buf<A> P(KK * N), fix(8 * N);
+    Buf<const A*> xr(K * imax(Cg, 1));
+    const A* zero = ring.zero.p - ring.xlo;
+    const int64_t plane = H * W;
     for (int64_t m = 0; m < d; ++m) {
       for (int64_t p = qa + ((m - qa % d) % d + d) % d; p < qb; p += d) {
-        for (int64_t t = 0; t < KK; ++t) {
-          const T* src = w + w_index(b, g * KK + t, p, 0);
-          for (int64_t l = 0; l < TW; ++l) P[t * TW + l] = ld<A>(src + tc.ja + l);
-        }
-        if (softmax)
-          for (int64_t l = 0; l < TW; ++l) softmax_strided(P.p + l, KK, TW);
-        for (int64_t u = 0; u < K; ++u) {
-          const int64_t i = rows.start[p] + u * d;
-          stage_nchw(ring, x, b, g * Cg, i);
-          for (int64_t c = 0; c < Cg; ++c) xr[u * Cg + c] = xrow(ring, i, c) - ring.xlo;
-        }
-        for (int64_t c = 0; c < Cg; ++c) {
-          const int64_t ch = g * Cg + c;
-          for (int64_t l = 0; l < TW; ++l) {
-            const int64_t j = tc.ja + l;
-            const int64_t s0 = cols.centred[j] ? j - r * d : cols.start[j];
-            A acc = 0;
-            for (int64_t u = 0; u < K; ++u)
-              for (int64_t v = 0; v < K; ++v) acc += P[(u * K + v) * TW + l] * xr[u * Cg + c][s0 + v * d];
-            if (gate != nullptr) acc = acc * sigmoid(ld<A>(gate + x_index(b, ch, p, j)));
-            st(out + x_index(b, ch, p, j), acc);
+        const bool ahead = p + 2 * d < qb;  // two rows ahead
+        const int64_t pn = p + 2 * d, i_next = ahead ? rows.start[pn] + (K - 1) * d : H;  // the row of x row pn adds
+        window_rows(ring, x, b, g, p, xr.p);
+        for (int64_t jo = 0; jo < TW; jo += N) {
+          const int64_t j0 = tc.ja + jo, n = imin(N, TW - jo);
+          if (ahead) {  // this chunk of row pn: its logits, gates, and the row of x it adds
+            prefetch_rows(w + w_index(b, g * KK, pn, j0), KK, plane, n);
+            if (gate != nullptr) prefetch_rows(gate + x_index(b, g * Cg, pn, j0), Cg, plane, n);
+            if (i_next < H) prefetch_rows(x + x_index(b, g * Cg, i_next, j0), Cg, plane, n);
+          }
+          const T* wsrc = w + w_index(b, g * KK, p, j0);
+          V mx = vload<A>(wsrc, n);
+          store(P.p, mx);
+          for (int64_t t = 1; t < KK; ++t) {
+            const V v = vload<A>(wsrc + t * plane, n);
+            store(P.p + t * N, v);
+            mx = v > mx ? v : mx;  // NaN skipped: a NaN logit makes its pixel NaN through exp
+          }
+          V inv = splat(A(1));
+          if (softmax) {
+            V sum = {};
+            for (int64_t t = 0; t < KK; ++t) {
+              const V e = vexp(load(P.p + t * N) - mx);
+              store(P.p + t * N, e);
+              sum += e;
+            }
+            inv = 1 / sum;
+          }
+          const bool edge = shifted(j0, n);
+          for (int64_t c0 = 0; c0 < Cg;) {
+            const int nb = Cg - c0 >= 8 ? 8 : 4;
+            V acc[8] = {};
+            if (nb == 8)
+              window_block<8>(P.p, xr.p, zero, c0, j0 - r * d, acc);
+            else
+              window_block<4>(P.p, xr.p, zero, c0, j0 - r * d, acc);
+            if (edge) {
+              for (int cb = 0; cb < 8; ++cb) store(fix.p + cb * N, acc[cb]);
+              for (int64_t l = 0; l < n; ++l) {
+                const int64_t j = j0 + l;
+                if (cols.centred[j]) continue;
+                for (int cb = 0; cb < nb && c0 + cb < Cg; ++cb) {
+                  A a = 0;
+                  for (int64_t u = 0; u < K; ++u)
+                    for (int64_t v = 0; v < K; ++v)
+                      a += P[(u * K + v) * N + l] * xr[u * Cg + c0 + cb][cols.start[j] + v * d];
+                  fix[cb * N + l] = a;
+                }
+              }
+              for (int cb = 0; cb < 8; ++cb) acc[cb] = load(fix.p + cb * N);
+            }
+            for (int cb = 0; cb < 8; ++cb) {
+              if (cb >= nb || c0 + cb >= Cg) break;
+              const int64_t at = x_index(b, g * Cg + c0 + cb, p, j0);
+              V y = acc[cb] * inv;
+              if (gate != nullptr) y = y * vsigmoid(vload<A>(gate + at, n));
+              vstore<A>(out + at, y, n);
+            }
+            c0 += nb;
           }
         }
       }
@@ -456,36 +814,79 @@ struct Kernels {
 
   void backward_nchw(const T* dout, const T* x, const T* w, const T* gate, T* dx, T* dw, T* dgate,
                      const Parallel& par) const {
-    const Split split(s, G, par.threads);
-    const int64_t items = B * G * split.bands * split.tiles;
-    parallel_items(par, items, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        int64_t rest = item;
-        const int64_t tile = rest % split.tiles;
-        rest /= split.tiles;
-        const int64_t band = rest % split.bands;
-        rest /= split.bands;
-        const int64_t g = rest % G, b = rest / G;
-        const int64_t qa = band * split.band_rows, qb = imin(H, qa + split.band_rows);
-        const int64_t ja = tile * split.tile_cols, jb = imin(W, ja + split.tile_cols);
-        backward_nchw_item(dout, x, w, gate, dx, dw, dgate, b, g, qa, qb, Cols(cols, ja, jb));
-      }
+    nchw_items(par, [&](int64_t b, int64_t g, int64_t qa, int64_t qb, const Cols& tc) {
+      backward_nchw_item(dout, x, w, gate, dx, dw, dgate, b, g, qa, qb, tc);
     });
   }
 
+  // dP[t] += sum over NB channels (c0 ...) of g_y * x_t and y[c] = sum over taps of P[t] * x_t at
+  // the N columns from j0 (the tile's first tap at column off of the staged rows)
+  template <int NB>
+  void dp_block(const A* Pr, int64_t BW, const A* Gr, const A* const* xr, const A* zero, const A* xzero, int64_t c0,
+                int64_t j0, int64_t off, A* dP, V* yout) const {
+    V gy[NB], y[NB];
+    const A* xc[NB];
+    for (int cb = 0; cb < NB; ++cb) {
+      gy[cb] = load((c0 + cb < Cg ? Gr + (c0 + cb) * BW : zero) + j0);
+      y[cb] = V{};
+    }
+    for (int64_t u = 0; u < K; ++u) {
+      for (int cb = 0; cb < NB; ++cb) xc[cb] = (c0 + cb < Cg ? xr[u * Cg + c0 + cb] : xzero) + off;
+      for (int64_t v = 0; v < K; ++v) {
+        const int64_t t = u * K + v;
+        const V pv = load(Pr + t * BW + j0);
+        V dp = load(dP + t * N);
+        for (int cb = 0; cb < NB; ++cb) {
+          const V xv = load(xc[cb] + v * d);
+          dp = vfma(gy[cb], xv, dp);
+          y[cb] = vfma(pv, xv, y[cb]);
+        }
+        store(dP + t * N, dp);
+      }
+    }
+    for (int cb = 0; cb < NB; ++cb) yout[cb] = y[cb];
+  }
+
+  // dx at the N columns from j0 for NB channels (c0 ...): over the (row, tap) pairs of row q, the
+  // K column taps as shifted loads of the P and g_y rings
+  template <int NB>
+  void dx_block(const A* Pring, const A* Gring, int64_t BW, int64_t bA, int64_t slots, const A* zero, int64_t q,
+                int64_t c0, int64_t j0, V* acc) const {
+    V a[NB];
+    const A* gq[NB];
+    for (int cb = 0; cb < NB; ++cb) a[cb] = V{};
+    for (int64_t e = rows.pairs_begin(q); e < rows.pairs_end(q); ++e) {
+      const int64_t ps = (rows.in_p[e] / d) % slots, u = rows.in_k[e];
+      const A* Pq = Pring + (ps * KK + u * K) * BW - bA + j0 + r * d;
+      for (int cb = 0; cb < NB; ++cb)
+        gq[cb] = (c0 + cb < Cg ? Gring + (ps * Cg + c0 + cb) * BW - bA : zero) + j0 + r * d;
+      for (int64_t v = 0; v < K; ++v) {
+        const V pv = load(Pq + v * (BW - d));
+        for (int cb = 0; cb < NB; ++cb) a[cb] = vfma(pv, load(gq[cb] - v * d), a[cb]);
+      }
+    }
+    for (int cb = 0; cb < NB; ++cb) acc[cb] = a[cb];
+  }
+
+  // The sweep of a band (see the top of this file). Rings, indexed by image column over
+  // [bA, bA + BW): P (KK rows) and g_y (Cg rows) of output row p, and sigmoid(gate) for p's
+  // dgate, computed over the output columns the tile's dx reads, zero elsewhere.
   void backward_nchw_item(const T* dout, const T* x, const T* w, const T* gate, T* dx, T* dw, T* dgate, int64_t b,
                           int64_t g, int64_t qa, int64_t qb, const Cols& tc) const {
-    const int64_t TW = tc.jb - tc.ja;
-    // ring columns: [bA, bA + BW) holds P and g_y of output columns [tc.lo, tc.hi), zeros elsewhere
-    const int64_t bA = imin(tc.lo, tc.ja - r * d), BW = imax(tc.hi, tc.jb + r * d) - bA;
+    const int64_t TW = tc.jb - tc.ja, TWP = ceil_div(TW, N) * N;
+    const int64_t bA = imin(tc.lo, tc.ja - r * d), BW = imax(tc.hi, tc.ja + TWP + r * d) - bA;
     int64_t slots = 1;
     for (int64_t m = 0; m < d; ++m) {
       const Sweep sw(rows, qa, qb, m);
       if (!sw.empty()) slots = imax(slots, sw.slots);
     }
-    Buf<A> Pring(slots * KK * BW), Gring(slots * Cg * BW), S(Cg * TW), dP(KK), y(Cg);
-    XRing ring(Cg, K, d, tc.xlo, tc.xhi);
-    Buf<const A*> xr(K * (Cg > 0 ? Cg : 1));
+    Buf<A> Pring(slots * KK * BW), Gring(slots * Cg * BW), Srow(imax(Cg, 1) * BW), zrow(BW);
+    Buf<A> Pc(KK * N), dP(KK * N), Y(imax(Cg, 1) * N), fix(8 * N);
+    XRing ring(Cg, K, d, imin(tc.xlo, tc.ja - r * d), imax(tc.xhi, tc.ja + TWP + r * d));
+    Buf<const A*> xr(K * imax(Cg, 1));
+    const A* zero = zrow.p - bA;
+    const A* xzero = ring.zero.p - ring.xlo;
+    const int64_t plane = H * W;
     for (int64_t m = 0; m < d; ++m) {
       const Sweep sw(rows, qa, qb, m);
       if (sw.empty()) continue;
@@ -494,85 +895,137 @@ struct Kernels {
         const int64_t slot = (p / d) % slots;
         A* Pr = Pring.p + slot * KK * BW - bA;  // indexed by image column
         A* Gr = Gring.p + slot * Cg * BW - bA;
-        for (int64_t t = 0; t < KK; ++t) {
-          const T* src = w + w_index(b, g * KK + t, p, 0);
-          for (int64_t j = tc.lo; j < tc.hi; ++j) Pr[t * BW + j] = ld<A>(src + j);
-        }
-        if (softmax)
-          for (int64_t j = tc.lo; j < tc.hi; ++j) softmax_strided(Pr + j, KK, BW);
+        A* Sr = Srow.p - bA;
         const bool owned = p >= qa && p < qb;
-        for (int64_t c = 0; c < Cg; ++c) {
-          const int64_t ch = g * Cg + c;
-          for (int64_t j = tc.lo; j < tc.hi; ++j) {
-            const A go = ld<A>(dout + x_index(b, ch, p, j));
-            if (gate == nullptr) {
-              Gr[c * BW + j] = go;
-            } else {
-              const A sg = sigmoid(ld<A>(gate + x_index(b, ch, p, j)));
-              Gr[c * BW + j] = go * sg;
-              if (owned && j >= tc.ja && j < tc.jb) S[c * TW + j - tc.ja] = sg;
+        if (p + d <= sw.hi) {  // the next row's logits, gates and incoming gradients
+          prefetch_rows(w + w_index(b, g * KK, p + d, tc.lo), KK, plane, tc.hi - tc.lo);
+          prefetch_rows(dout + x_index(b, g * Cg, p + d, tc.lo), Cg, plane, tc.hi - tc.lo);
+          if (gate != nullptr) prefetch_rows(gate + x_index(b, g * Cg, p + d, tc.lo), Cg, plane, tc.hi - tc.lo);
+        }
+        for (int64_t c0 = tc.lo; c0 < tc.hi; c0 += N) {
+          const int64_t n = imin(N, tc.hi - c0);
+          const T* wsrc = w + w_index(b, g * KK, p, c0);
+          V mx = vload<A>(wsrc, n);
+          store(Pc.p, mx);
+          for (int64_t t = 1; t < KK; ++t) {
+            const V v = vload<A>(wsrc + t * plane, n);
+            store(Pc.p + t * N, v);
+            mx = v > mx ? v : mx;
+          }
+          if (softmax) {
+            V sum = {};
+            for (int64_t t = 0; t < KK; ++t) {
+              const V e = vexp(load(Pc.p + t * N) - mx);
+              store(Pc.p + t * N, e);
+              sum += e;
             }
+            const V inv = 1 / sum;
+            for (int64_t t = 0; t < KK; ++t) vstore<A>(Pr + t * BW + c0, load(Pc.p + t * N) * inv, n);
+          } else {
+            for (int64_t t = 0; t < KK; ++t) vstore<A>(Pr + t * BW + c0, load(Pc.p + t * N), n);
+          }
+          for (int64_t c = 0; c < Cg; ++c) {
+            const int64_t at = x_index(b, g * Cg + c, p, c0);
+            V gy = vload<A>(dout + at, n);
+            if (gate != nullptr) {
+              const V sg = vsigmoid(vload<A>(gate + at, n));
+              gy = gy * sg;
+              if (owned) vstore<A>(Sr + c * BW + c0, sg, n);
+            }
+            vstore<A>(Gr + c * BW + c0, gy, n);
           }
         }
         if (owned) {
-          for (int64_t u = 0; u < K; ++u) {
-            const int64_t i = rows.start[p] + u * d;
-            stage_nchw(ring, x, b, g * Cg, i);
-            for (int64_t c = 0; c < Cg; ++c) xr[u * Cg + c] = xrow(ring, i, c) - ring.xlo;
-          }
-          for (int64_t j = tc.ja; j < tc.jb; ++j) {
-            const int64_t s0 = cols.centred[j] ? j - r * d : cols.start[j];
-            for (int64_t t = 0; t < KK; ++t) dP[t] = 0;
-            for (int64_t c = 0; c < Cg; ++c) {
-              const A gy = Gr[c * BW + j];
-              A acc = 0;
-              for (int64_t u = 0; u < K; ++u)
-                for (int64_t v = 0; v < K; ++v) {
-                  const A xv = xr[u * Cg + c][s0 + v * d];
-                  dP[u * K + v] += gy * xv;
-                  acc += Pr[(u * K + v) * BW + j] * xv;
-                }
-              y[c] = acc;
+          window_rows(ring, x, b, g, p, xr.p);
+          for (int64_t jo = 0; jo < TW; jo += N) {
+            const int64_t j0 = tc.ja + jo, n = imin(N, TW - jo);
+            for (int64_t t = 0; t < KK; ++t) store(dP.p + t * N, V{});
+            // dP[t] = sum over the head's channels of g_y * x_t, and y (for dgate), a block of 8
+            // (or 4) channels at a time
+            for (int64_t c0 = 0; c0 < Cg;) {
+              const int nb = Cg - c0 >= 8 ? 8 : 4;
+              V y[8] = {};
+              if (nb == 8)
+                dp_block<8>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+              else
+                dp_block<4>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+              for (int cb = 0; cb < 8; ++cb) {
+                if (cb >= nb || c0 + cb >= Cg) break;
+                store(Y.p + (c0 + cb) * N, y[cb]);
+              }
+              c0 += nb;
             }
-            A sum = 0;
+            if (shifted(j0, n)) {  // clamped borders: those columns again, one by one
+              for (int64_t l = 0; l < n; ++l) {
+                const int64_t j = j0 + l;
+                if (cols.centred[j]) continue;
+                for (int64_t t = 0; t < KK; ++t) dP[t * N + l] = 0;
+                for (int64_t c = 0; c < Cg; ++c) {
+                  A yc = 0;
+                  for (int64_t u = 0; u < K; ++u)
+                    for (int64_t v = 0; v < K; ++v) {
+                      const A xv = xr[u * Cg + c][cols.start[j] + v * d];
+                      dP[(u * K + v) * N + l] += Gr[c * BW + j] * xv;
+                      yc += Pr[(u * K + v) * BW + j] * xv;
+                    }
+                  Y[c * N + l] = yc;
+                }
+              }
+            }
+            V sum = {};
             if (softmax)
-              for (int64_t t = 0; t < KK; ++t) sum += Pr[t * BW + j] * dP[t];
+              for (int64_t t = 0; t < KK; ++t) sum = vfma(load(Pr + t * BW + j0), load(dP.p + t * N), sum);
             for (int64_t t = 0; t < KK; ++t) {
-              const A v = softmax ? Pr[t * BW + j] * (dP[t] - sum) : dP[t];
-              st(dw + w_index(b, g * KK + t, p, j), v);
+              const V dpv = load(dP.p + t * N);
+              const V v = softmax ? load(Pr + t * BW + j0) * (dpv - sum) : dpv;
+              vstore<A>(dw + w_index(b, g * KK + t, p, j0), v, n);
             }
             if (gate != nullptr)
               for (int64_t c = 0; c < Cg; ++c) {
-                const int64_t at = x_index(b, g * Cg + c, p, j);
-                const A sg = S[c * TW + j - tc.ja];
-                st(dgate + at, ld<A>(dout + at) * y[c] * sg * (A(1) - sg));
+                const int64_t at = x_index(b, g * Cg + c, p, j0);
+                const V sg = load(Sr + c * BW + j0);
+                vstore<A>(dgate + at, vload<A>(dout + at, n) * load(Y.p + c * N) * sg * (1 - sg), n);
               }
           }
         }
-        // every dx row whose readers have all been swept
+        // every dx row whose readers have all been swept: per chunk of N columns and block of 8
+        // (or 4) channels, dx_block; the columns near clamped borders one by one
         for (; next <= sw.last && rows.last_reader(next) <= p; next += d) {
           const int64_t q = next;
-          for (int64_t c = 0; c < Cg; ++c) {
-            for (int64_t j = tc.ja; j < tc.jb; ++j) {
-              A acc = 0;
-              for (int64_t e = rows.pairs_begin(q); e < rows.pairs_end(q); ++e) {
-                const int64_t pi = rows.in_p[e], u = rows.in_k[e];
-                const int64_t ps = (pi / d) % slots;
-                const A* Pq = Pring.p + ps * KK * BW - bA + u * K * BW;
-                const A* Gq = Gring.p + (ps * Cg + c) * BW - bA;
-                if (cols.plain_in[j]) {
-                  for (int64_t v = K - 1; v >= 0; --v) {
-                    const int64_t pj = j - (v - r) * d;
-                    acc += Pq[v * BW + pj] * Gq[pj];
-                  }
-                } else {
-                  for (int64_t f = cols.pairs_begin(j); f < cols.pairs_end(j); ++f) {
-                    const int64_t pj = cols.in_p[f], v = cols.in_k[f];
-                    acc += Pq[v * BW + pj] * Gq[pj];
+          for (int64_t jo = 0; jo < TW; jo += N) {
+            const int64_t j0 = tc.ja + jo, n = imin(N, TW - jo);
+            const bool edge = not_plain(j0, n);
+            for (int64_t c0 = 0; c0 < Cg;) {
+              const int nb = Cg - c0 >= 8 ? 8 : 4;
+              V acc[8] = {};
+              if (nb == 8)
+                dx_block<8>(Pring.p, Gring.p, BW, bA, slots, zero, q, c0, j0, acc);
+              else
+                dx_block<4>(Pring.p, Gring.p, BW, bA, slots, zero, q, c0, j0, acc);
+              if (edge) {
+                for (int cb = 0; cb < 8; ++cb) store(fix.p + cb * N, acc[cb]);
+                for (int64_t l = 0; l < n; ++l) {
+                  const int64_t j = j0 + l;
+                  if (cols.plain_in[j]) continue;
+                  for (int cb = 0; cb < nb && c0 + cb < Cg; ++cb) {
+                    A a = 0;
+                    for (int64_t e = rows.pairs_begin(q); e < rows.pairs_end(q); ++e) {
+                      const int64_t ps = (rows.in_p[e] / d) % slots, u = rows.in_k[e];
+                      const A* Pq = Pring.p + (ps * KK + u * K) * BW - bA;
+                      const A* Gq = Gring.p + (ps * Cg + c0 + cb) * BW - bA;
+                      for (int64_t f = cols.pairs_begin(j); f < cols.pairs_end(j); ++f)
+                        a += Pq[cols.in_k[f] * BW + cols.in_p[f]] * Gq[cols.in_p[f]];
+                    }
+                    fix[cb * N + l] = a;
                   }
                 }
+                for (int cb = 0; cb < 8; ++cb) acc[cb] = load(fix.p + cb * N);
               }
-              st(dx + x_index(b, g * Cg + c, q, j), acc);
+              for (int cb = 0; cb < 8; ++cb) {
+                if (cb >= nb || c0 + cb >= Cg) break;
+                vstore<A>(dx + x_index(b, g * Cg + c0 + cb, q, j0), acc[cb], n);
+              }
+              c0 += nb;
             }
           }
         }
@@ -584,134 +1037,353 @@ struct Kernels {
 
   int64_t pix(int64_t b, int64_t i, int64_t j) const { return (b * H + i) * W + j; }
 
-  void forward_cl(const T* x, const T* w, const T* gate, T* out, const Parallel& par) const {
+  template <class F>
+  void cl_items(const Parallel& par, const F& item) const {
     const Split split(s, 1, par.threads);
-    const int64_t items = B * split.bands * split.tiles;
-    parallel_items(par, items, [&](int64_t begin, int64_t end) {
-      Buf<A> P(KK);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t tile = item % split.tiles, band = item / split.tiles % split.bands;
-        const int64_t b = item / split.tiles / split.bands;
-        const int64_t qa = band * split.band_rows, qb = imin(H, qa + split.band_rows);
-        const int64_t ja = tile * split.tile_cols, jb = imin(W, ja + split.tile_cols);
-        for (int64_t p = qa; p < qb; ++p)
-          for (int64_t j = ja; j < jb; ++j)
-            for (int64_t g = 0; g < G; ++g) {
-              const T* src = w + pix(b, p, j) * G * KK + g * KK;
-              for (int64_t t = 0; t < KK; ++t) P[t] = ld<A>(src + t);
-              if (softmax) softmax_strided(P.p, KK, 1);
-              for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-                A acc = 0;
-                for (int64_t u = 0; u < K; ++u) {
-                  const int64_t i = rows.start[p] + u * d;
-                  for (int64_t v = 0; v < K; ++v) {
-                    const int64_t jj = cols.start[j] + v * d;
-                    const A xv = (i >= 0 && i < H && jj >= 0 && jj < W) ? ld<A>(x + pix(b, i, jj) * C + c) : A(0);
-                    acc += P[u * K + v] * xv;
-                  }
-                }
-                const int64_t at = pix(b, p, j) * C + c;
-                if (gate != nullptr) acc = acc * sigmoid(ld<A>(gate + at));
-                st(out + at, acc);
-              }
-            }
+    parallel_items(par, B * split.bands * split.tiles, [&](int64_t begin, int64_t end) {
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t tile = it % split.tiles, band = it / split.tiles % split.bands;
+        const int64_t b = it / split.tiles / split.bands;
+        const int64_t qa = band * split.band_rows, ja = tile * split.tile_cols;
+        item(b, qa, imin(H, qa + split.band_rows), Cols(cols, ja, imin(W, ja + split.tile_cols)));
+      }
+    });
+  }
+
+  // A vector of channels: from channel c, n lanes (n < N: the tail of a head), of head h.
+  struct Chunk {
+    int64_t c, n, h;
+  };
+
+  // The chunks of a pixel's C channels: full ones first (heads of a multiple of N channels split
+  // into full chunks only), then the tails of heads whose channels are not a multiple of N.
+  int64_t chunks(Chunk* out) const {
+    int64_t k = 0;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c + N <= Cg; c += N) out[k++] = Chunk{g * Cg + c, N, g};
+    for (int64_t g = 0; g < G; ++g)
+      if (Cg % N) out[k++] = Chunk{g * Cg + Cg / N * N, Cg % N, g};
+    return k;
+  }
+  int64_t max_chunks() const { return G * ceil_div(imax(Cg, 1), N); }
+
+  // acc[k] = sum over entries e < ne of w_e(h_k) * X_e[c_k .. c_k + n_k), for NCH chunks ch[k],
+  // where w_e(h) = pw[e][h * pstride]: a window sum (entries: taps; X: x; w: P) or dx's sum over
+  // (row, tap) x (column, tap) pairs (X: g_y; w: P). NS = 4 / NCH accumulators per chunk take the
+  // entries in turn (independent FMA chains), and are added in a fixed order at the end.
+  template <int NCH, bool PARTIAL, class X>
+  static void wsum(int64_t ne, const X* const* xp, const A* const* pw, int64_t pstride, const Chunk* ch, V* acc) {
+    constexpr int NS = 4 / NCH;
+    V a[NS][NCH];
+    int64_t ck[NCH], hk[NCH];
+    const int64_t nk = PARTIAL ? ch[0].n : N;
+    for (int k = 0; k < NCH; ++k) {
+      ck[k] = ch[k].c, hk[k] = ch[k].h * pstride;
+      for (int s_ = 0; s_ < NS; ++s_) a[s_][k] = V{};
+    }
+    int64_t e = 0;
+    for (; e + NS <= ne; e += NS) {
+      for (int s_ = 0; s_ < NS; ++s_) {
+        const X* x = xp[e + s_];
+        const A* w = pw[e + s_];
+        for (int k = 0; k < NCH; ++k)
+          a[s_][k] = vfma(splat(w[hk[k]]), PARTIAL ? vload<A>(x + ck[k], nk) : vload<A>(x + ck[k]), a[s_][k]);
+      }
+    }
+    for (int s_ = 0; s_ < NS; ++s_) {
+      if (e + s_ >= ne) break;
+      const X* x = xp[e + s_];
+      const A* w = pw[e + s_];
+      for (int k = 0; k < NCH; ++k)
+        a[s_][k] = vfma(splat(w[hk[k]]), PARTIAL ? vload<A>(x + ck[k], nk) : vload<A>(x + ck[k]), a[s_][k]);
+    }
+    for (int k = 0; k < NCH; ++k) {
+      if (NS == 4)
+        acc[k] = (a[0][k] + a[1 % NS][k]) + (a[2 % NS][k] + a[3 % NS][k]);
+      else if (NS == 2)
+        acc[k] = a[0][k] + a[1 % NS][k];
+      else
+        acc[k] = a[0][k];
+    }
+  }
+
+  // wsum over every chunk of a pixel (groups of 4, 2, 1 full chunks, then the tails one by one),
+  // emit(chunk, sum) for each
+  template <class X, class Emit>
+  static void wsum_all(int64_t ne, const X* const* xp, const A* const* pw, int64_t pstride, const Chunk* ch,
+                       int64_t nchunks, const Emit& emit) {
+    V acc[4];
+    int64_t k = 0;
+    for (; k + 4 <= nchunks && ch[k + 3].n == N; k += 4) {
+      wsum<4, false>(ne, xp, pw, pstride, ch + k, acc);
+      for (int i = 0; i < 4; ++i) emit(ch[k + i], acc[i]);
+    }
+    for (; k + 2 <= nchunks && ch[k + 1].n == N; k += 2) {
+      wsum<2, false>(ne, xp, pw, pstride, ch + k, acc);
+      for (int i = 0; i < 2; ++i) emit(ch[k + i], acc[i]);
+    }
+    for (; k < nchunks; ++k) {
+      if (ch[k].n == N)
+        wsum<1, false>(ne, xp, pw, pstride, ch + k, acc);
+      else
+        wsum<1, true>(ne, xp, pw, pstride, ch + k, acc);
+      emit(ch[k], acc[0]);
+    }
+  }
+
+  // The taps of the pixels of output row p: row pointers (x at (b, S(p) + u*d, 0), or null outside)
+  void tap_rows(const T* x, int64_t b, int64_t p, const T** rp) const {
+    for (int64_t u = 0; u < K; ++u) {
+      const int64_t i = rows.start[p] + u * d;
+      rp[u] = (i >= 0 && i < H) ? x + pix(b, i, 0) * C : nullptr;
+    }
+  }
+  // tap pointers of pixel (p, j), xp[t] at channel 0 of the pixel tap t reads (`zero`, C zeros,
+  // outside the image); `interior` when the window is centred and inside the image, in which case
+  // xp of pixel j is xp of pixel j - 1 moved by one pixel
+  bool interior_col(int64_t j) const { return cols.centred[j] && j - r * d >= 0 && j + r * d < W; }
+  void tap_pointers(const T* const* rp, int64_t j, const T* zero, bool from_previous, const T** xp) const {
+    if (from_previous) {
+      for (int64_t t = 0; t < KK; ++t) xp[t] += C;
+      return;
+    }
+    for (int64_t u = 0; u < K; ++u)
+      for (int64_t v = 0; v < K; ++v) {
+        const int64_t jj = cols.start[j] + v * d;
+        xp[u * K + v] = (rp[u] != nullptr && jj >= 0 && jj < W) ? rp[u] + jj * C : zero;
+      }
+  }
+
+  // Softmax over the KK taps of each head of a pixel, in place in P (heads KKP = KK rounded up to N
+  // apart; lanes past KK hold -inf and come out 0). Returns nothing; raw weights are left as they are.
+  void load_logits(const T* src, A* P, int64_t KKP) const {
+    const A ninf = -__builtin_inf();
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < KKP; t += N) {
+        V v = vload<A>(src + g * KK + t, KK - t);
+        if (softmax && t + N > KK)
+          for (int64_t l = KK - t; l < N; ++l) v[l] = ninf;
+        store(P + g * KKP + t, v);
+      }
+  }
+  // exponentials (max subtracted) of each head's taps in place, and 1 / their sum per head
+  void exp_taps(A* P, int64_t KKP, A* inv) const {
+    for (int64_t g = 0; g < G; ++g) {
+      A* Pg = P + g * KKP;
+      V m = load(Pg);
+      for (int64_t t = N; t < KKP; t += N) {
+        const V v = load(Pg + t);
+        m = v > m ? v : m;
+      }
+      const V mv = splat(hmax<A>(m));
+      V sum = {};
+      for (int64_t t = 0; t < KKP; t += N) {
+        const V e = vexp(load(Pg + t) - mv);
+        store(Pg + t, e);
+        sum += e;
+      }
+      inv[g] = A(1) / hsum<A>(sum);
+    }
+  }
+
+  void forward_cl(const T* x, const T* w, const T* gate, T* out, const Parallel& par) const {
+    const int64_t KKP = ceil_div(KK, N) * N;
+    cl_items(par, [&](int64_t b, int64_t qa, int64_t qb, const Cols& tc) {
+      Buf<A> P(G * KKP), inv(G);
+      Buf<const T*> xp(KK), rp(K);
+      Buf<const A*> pw(KK);
+      Buf<T> zero(C + N);
+      Buf<Chunk> ch(max_chunks());
+      const int64_t nch = chunks(ch.p);
+      for (int64_t t = 0; t < KK; ++t) pw[t] = P.p + t;
+      for (int64_t g = 0; g < G; ++g) inv[g] = 1;
+      for (int64_t p = qa; p < qb; ++p) {
+        tap_rows(x, b, p, rp.p);
+        const bool row_inside = rows.centred[p] && p - r * d >= 0 && p + r * d < H;
+        bool prev = false;
+        for (int64_t j = tc.ja; j < tc.jb; ++j) {
+          const bool inside = row_inside && interior_col(j);
+          tap_pointers(rp.p, j, zero.p, inside && prev, xp.p);
+          prev = inside;
+          load_logits(w + pix(b, p, j) * G * KK, P.p, KKP);
+          if (softmax) exp_taps(P.p, KKP, inv.p);
+          const int64_t at = pix(b, p, j) * C;
+          wsum_all(KK, xp.p, pw.p, KKP, ch.p, nch, [&](const Chunk& c, V acc) {
+            V y = acc * inv[c.h];
+            if (gate != nullptr) y = y * vsigmoid(vload<A>(gate + at + c.c, c.n));
+            vstore<A>(out + at + c.c, y, c.n);
+          });
+        }
       }
     });
   }
 
   void backward_cl(const T* dout, const T* x, const T* w, const T* gate, T* dx, T* dw, T* dgate,
                    const Parallel& par) const {
-    const Split split(s, 1, par.threads);
-    const int64_t items = B * split.bands * split.tiles;
-    parallel_items(par, items, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t tile = item % split.tiles, band = item / split.tiles % split.bands;
-        const int64_t b = item / split.tiles / split.bands;
-        const int64_t qa = band * split.band_rows, qb = imin(H, qa + split.band_rows);
-        const int64_t ja = tile * split.tile_cols, jb = imin(W, ja + split.tile_cols);
-        backward_cl_item(dout, x, w, gate, dx, dw, dgate, b, qa, qb, Cols(cols, ja, jb));
-      }
+    cl_items(par, [&](int64_t b, int64_t qa, int64_t qb, const Cols& tc) {
+      backward_cl_item(dout, x, w, gate, dx, dw, dgate, b, qa, qb, tc);
     });
   }
 
+  // Transpose-and-add: N vectors v (in the bit-reversed order of their index) to one vector whose
+  // lane i is the sum of the lanes of v[i], by halving steps of shuffles and adds (about 3
+  // operations per vector instead of a horizontal sum each).
+  template <int Bk>
+  static V combine(V a, V b) {
+    typename Vec<A>::mask lo, hi;
+    for (int l = 0; l < N; ++l) {
+      const int blk = l / Bk, at = (blk % 2 ? N : 0) + blk / 2 * 2 * Bk + l % Bk;
+      lo[l] = at, hi[l] = at + Bk;
+    }
+    return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+  }
+  template <int Bk>
+  static void reduce_level(V* v) {
+    if constexpr (Bk >= 1) {
+      for (int i = 0; i < Bk; ++i) v[i] = combine<Bk>(v[2 * i], v[2 * i + 1]);
+      reduce_level<Bk / 2>(v);
+    }
+  }
+  static constexpr int bitrev(int i) {
+    int r_ = 0;
+    for (int m = 1, k = N / 2; m < N; m *= 2, k /= 2) r_ |= (i & m) ? k : 0;
+    return r_;
+  }
+
+  // dP[t] = <g_y, x_t> for the KK taps of head h at a pixel (P and the taps xp, g_y at gy), and
+  // Y = sum over taps of P[t] * x_t: per block of N taps the N products (channels in vectors)
+  // go through the transpose-and-add, so dP comes out as vectors of taps.
+  void dp_taps(const T* const* xp, const A* Ph, const A* gy, int64_t h, int64_t KKP, A* dP, A* Y) const {
+    for (int64_t t0 = 0; t0 < KKP; t0 += N) store(dP + t0, V{});
+    for (int64_t c0 = 0; c0 < Cg; c0 += 2 * N) {  // two chunks of the head at a time
+      const int64_t n0 = imin(N, Cg - c0), n1 = imin(N, imax(Cg - c0 - N, 0));
+      const V g0 = vload<A>(gy + c0, n0), g1 = n1 > 0 ? vload<A>(gy + c0 + N, n1) : V{};
+      V y0[2] = {}, y1[2] = {};
+      for (int64_t t0 = 0; t0 < KKP; t0 += N) {
+        V prod[N];
+#pragma GCC unroll 16
+        for (int i = 0; i < N; ++i) {
+          const int64_t t = t0 + bitrev(i);
+          if (t >= KK) {
+            prod[i] = V{};
+            continue;
+          }
+          const T* xt = xp[t] + h * Cg + c0;
+          const V pv = splat(Ph[t]);
+          const V x0 = vload<A>(xt, n0);
+          prod[i] = g0 * x0;
+          y0[i % 2] = vfma(pv, x0, y0[i % 2]);
+          if (n1 > 0) {
+            const V x1 = vload<A>(xt + N, n1);
+            prod[i] = vfma(g1, x1, prod[i]);
+            y1[i % 2] = vfma(pv, x1, y1[i % 2]);
+          }
+        }
+        reduce_level<N / 2>(prod);
+        store(dP + t0, load(dP + t0) + prod[0]);
+      }
+      vstore<A>(Y + h * Cg + c0, y0[0] + y0[1], n0);
+      if (n1 > 0) vstore<A>(Y + h * Cg + c0 + N, y1[0] + y1[1], n1);
+    }
+  }
+
+  // The sweep of a band, every head: rings of P ([column][head][KKP]) and g_y ([column][C]) over
+  // the output columns the tile's dx reads, and sigmoid(gate) of row p.
   void backward_cl_item(const T* dout, const T* x, const T* w, const T* gate, T* dx, T* dw, T* dgate, int64_t b,
                         int64_t qa, int64_t qb, const Cols& tc) const {
-    const int64_t BW = tc.hi - tc.lo, GKK = G * KK;
+    const int64_t KKP = ceil_div(KK, N) * N, GKP = G * KKP;
+    const int64_t BW = tc.hi - tc.lo;
     int64_t slots = 1;
     for (int64_t m = 0; m < d; ++m) {
       const Sweep sw(rows, qa, qb, m);
       if (!sw.empty()) slots = imax(slots, sw.slots);
     }
-    Buf<A> Pring(slots * BW * GKK), Gring(slots * BW * C), S(C), dP(KK), y(C);
+    Buf<A> Pring(slots * BW * GKP), Gring(slots * BW * C + N), Srow(BW * C + N), Y(C + N), dP(KKP), inv(G);
+    Buf<const T*> xp(KK), rp(K);
+    Buf<T> zero(C + N);
+    Buf<Chunk> ch(max_chunks());
+    const int64_t nch = chunks(ch.p);
+    // dx: entries of the pairs of a pixel, and their row and column parts
+    const int64_t max_pairs = imax(rows.max_pairs(), 1) * imax(cols.max_pairs(), 1);
+    Buf<const A*> gq(max_pairs), pq(max_pairs);
     for (int64_t m = 0; m < d; ++m) {
       const Sweep sw(rows, qa, qb, m);
       if (sw.empty()) continue;
       int64_t next = sw.first;
       for (int64_t p = sw.lo; p <= sw.hi; p += d) {
         const int64_t slot = (p / d) % slots;
-        A* Pr = Pring.p + (slot * BW - tc.lo) * GKK;  // indexed by image column
+        A* Pr = Pring.p + (slot * BW - tc.lo) * GKP;  // indexed by image column
         A* Gr = Gring.p + (slot * BW - tc.lo) * C;
+        A* Sr = Srow.p - tc.lo * C;
+        const bool owned = p >= qa && p < qb;
         for (int64_t j = tc.lo; j < tc.hi; ++j) {
-          const T* src = w + pix(b, p, j) * GKK;
-          for (int64_t e = 0; e < GKK; ++e) Pr[j * GKK + e] = ld<A>(src + e);
-          if (softmax)
-            for (int64_t g = 0; g < G; ++g) softmax_strided(Pr + j * GKK + g * KK, KK, 1);
-          for (int64_t c = 0; c < C; ++c) {
-            const int64_t at = pix(b, p, j) * C + c;
-            Gr[j * C + c] = gate == nullptr ? ld<A>(dout + at) : ld<A>(dout + at) * sigmoid(ld<A>(gate + at));
+          A* Pj = Pr + j * GKP;
+          load_logits(w + pix(b, p, j) * G * KK, Pj, KKP);
+          if (softmax) {
+            exp_taps(Pj, KKP, inv.p);
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t t = 0; t < KKP; t += N) store(Pj + g * KKP + t, load(Pj + g * KKP + t) * inv[g]);
+          }
+          for (int64_t c = 0; c < C; c += N) {
+            const int64_t at = pix(b, p, j) * C + c, n = imin(N, C - c);
+            V gy = vload<A>(dout + at, n);
+            if (gate != nullptr) {
+              const V sg = vsigmoid(vload<A>(gate + at, n));
+              gy = gy * sg;
+              if (owned) vstore<A>(Sr + j * C + c, sg, n);
+            }
+            vstore<A>(Gr + j * C + c, gy, n);
           }
         }
-        if (p >= qa && p < qb) {
+        if (owned) {
+          tap_rows(x, b, p, rp.p);
+          const bool row_inside = rows.centred[p] && p - r * d >= 0 && p + r * d < H;
+          bool prev = false;
           for (int64_t j = tc.ja; j < tc.jb; ++j) {
+            const bool inside = row_inside && interior_col(j);
+            tap_pointers(rp.p, j, zero.p, inside && prev, xp.p);
+            prev = inside;
+            const int64_t at = pix(b, p, j);
             for (int64_t g = 0; g < G; ++g) {
-              const A* Pp = Pr + j * GKK + g * KK;
-              for (int64_t t = 0; t < KK; ++t) dP[t] = 0;
-              for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-                const A gy = Gr[j * C + c];
-                A acc = 0;
-                for (int64_t u = 0; u < K; ++u) {
-                  const int64_t i = rows.start[p] + u * d;
-                  for (int64_t v = 0; v < K; ++v) {
-                    const int64_t jj = cols.start[j] + v * d;
-                    const A xv = (i >= 0 && i < H && jj >= 0 && jj < W) ? ld<A>(x + pix(b, i, jj) * C + c) : A(0);
-                    dP[u * K + v] += gy * xv;
-                    acc += Pp[u * K + v] * xv;
-                  }
-                }
-                y[c] = acc;
-              }
-              A sum = 0;
+              const A* Pg = Pr + j * GKP + g * KKP;
+              dp_taps(xp.p, Pg, Gr + j * C + g * Cg, g, KKP, dP.p, Y.p);
+              V sum = {};
               if (softmax)
-                for (int64_t t = 0; t < KK; ++t) sum += Pp[t] * dP[t];
-              for (int64_t t = 0; t < KK; ++t)
-                st(dw + pix(b, p, j) * GKK + g * KK + t, softmax ? Pp[t] * (dP[t] - sum) : dP[t]);
+                for (int64_t t = 0; t < KKP; t += N) sum = vfma(load(Pg + t), load(dP.p + t), sum);
+              const V sv = splat(hsum<A>(sum));
+              for (int64_t t = 0; t < KKP; t += N) {
+                const V dpv = load(dP.p + t);
+                vstore<A>(dw + at * G * KK + g * KK + t, softmax ? load(Pg + t) * (dpv - sv) : dpv, KK - t);
+              }
             }
             if (gate != nullptr)
-              for (int64_t c = 0; c < C; ++c) {
-                const int64_t at = pix(b, p, j) * C + c;
-                const A sg = sigmoid(ld<A>(gate + at));
-                st(dgate + at, ld<A>(dout + at) * y[c] * sg * (A(1) - sg));
+              for (int64_t c = 0; c < C; c += N) {
+                const int64_t n = imin(N, C - c);
+                const V sg = vload<A>(Sr + j * C + c, n);
+                vstore<A>(dgate + at * C + c, vload<A>(dout + at * C + c, n) * vload<A>(Y.p + c, n) * sg * (1 - sg),
+                          n);
               }
           }
         }
+        // dx rows whose readers have all been swept: per pixel, wsum over its (row pair) x
+        // (column pair) entries of P (a broadcast) times g_y (vectors of channels)
         for (; next <= sw.last && rows.last_reader(next) <= p; next += d) {
           const int64_t q = next;
-          for (int64_t j = tc.ja; j < tc.jb; ++j)
-            for (int64_t c = 0; c < C; ++c) {
-              const int64_t g = c / Cg;
-              A acc = 0;
-              for (int64_t e = rows.pairs_begin(q); e < rows.pairs_end(q); ++e) {
-                const int64_t pi = rows.in_p[e], u = rows.in_k[e];
-                const int64_t ps = (pi / d) % slots;
-                const A* Pq = Pring.p + (ps * BW - tc.lo) * GKK + g * KK + u * K;
-                const A* Gq = Gring.p + (ps * BW - tc.lo) * C + c;
-                for (int64_t f = cols.pairs_begin(j); f < cols.pairs_end(j); ++f) {
-                  const int64_t pj = cols.in_p[f], v = cols.in_k[f];
-                  acc += Pq[pj * GKK + v] * Gq[pj * C];
-                }
+          for (int64_t j = tc.ja; j < tc.jb; ++j) {
+            int64_t ne = 0;
+            for (int64_t e = rows.pairs_begin(q); e < rows.pairs_end(q); ++e) {
+              const int64_t ps = (rows.in_p[e] / d) % slots, u = rows.in_k[e];
+              for (int64_t f = cols.pairs_begin(j); f < cols.pairs_end(j); ++f) {
+                const int64_t cell = ps * BW + cols.in_p[f] - tc.lo;
+                pq[ne] = Pring.p + cell * GKP + u * K + cols.in_k[f];
+                gq[ne++] = Gring.p + cell * C;
               }
-              st(dx + pix(b, q, j) * C + c, acc);
             }
+            const int64_t at = pix(b, q, j) * C;
+            wsum_all(ne, gq.p, pq.p, KKP, ch.p, nch, [&](const Chunk& c, V acc) {
+              vstore<A>(dx + at + c.c, acc, c.n);
+            });
+          }
         }
       }
     }
