@@ -158,19 +158,22 @@ template <>
 struct Vec<float> {
   typedef vf type;
   typedef vi mask;
+  typedef int32_t lane_int;
   static constexpr int N = SGDC_VEC_BYTES / 4;
 };
 template <>
 struct Vec<double> {
   typedef vd type;
   typedef vl mask;
+  typedef int64_t lane_int;
   static constexpr int N = SGDC_VEC_BYTES / 8;
 };
 
+// s in every lane (s - 0, not 0 + s, which GCC keeps as an addition: -0 + 0 is +0)
 template <class A>
 inline typename Vec<A>::type splat(A s) {
   const typename Vec<A>::type z = {};
-  return z + s;
+  return s - z;
 }
 
 inline vf vfma(vf a, vf b, vf c) {
@@ -402,25 +405,30 @@ inline V vsigmoid(V g) {
   return 1 / (1 + vexp(-g));
 }
 
-// Maximum (NaN lanes ignored) and sum of the lanes, by a butterfly: a fixed order of operations.
-template <class A>
-inline A hmax(typename Vec<A>::type v) {
-  for (int w = Vec<A>::N / 2; w > 0; w /= 2) {
-    typename Vec<A>::mask m;
-    for (int l = 0; l < Vec<A>::N; ++l) m[l] = l ^ w;
-    const typename Vec<A>::type o = __builtin_shuffle(v, m);
-    v = o > v ? o : v;
-  }
-  return v[0];
+// Maximum (NaN lanes ignored) and sum of the lanes, by a butterfly: a fixed order of operations
+// (the shuffle masks are constants once Wd is)
+template <class A, int Wd>
+inline typename Vec<A>::type swap_lanes(typename Vec<A>::type v) {
+  typename Vec<A>::mask m;
+  for (int l = 0; l < Vec<A>::N; ++l) m[l] = l ^ Wd;
+  return __builtin_shuffle(v, m);
 }
-template <class A>
+template <class A, int Wd = Vec<A>::N / 2>
+inline A hmax(typename Vec<A>::type v) {
+  const typename Vec<A>::type o = swap_lanes<A, Wd>(v);
+  v = o > v ? o : v;
+  if constexpr (Wd > 1)
+    return hmax<A, Wd / 2>(v);
+  else
+    return v[0];
+}
+template <class A, int Wd = Vec<A>::N / 2>
 inline A hsum(typename Vec<A>::type v) {
-  for (int w = Vec<A>::N / 2; w > 0; w /= 2) {
-    typename Vec<A>::mask m;
-    for (int l = 0; l < Vec<A>::N; ++l) m[l] = l ^ w;
-    v = v + __builtin_shuffle(v, m);
-  }
-  return v[0];
+  v = v + swap_lanes<A, Wd>(v);
+  if constexpr (Wd > 1)
+    return hsum<A, Wd / 2>(v);
+  else
+    return v[0];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -819,9 +827,10 @@ struct Kernels {
     });
   }
 
-  // dP[t] += sum over NB channels (c0 ...) of g_y * x_t and y[c] = sum over taps of P[t] * x_t at
-  // the N columns from j0 (the tile's first tap at column off of the staged rows)
-  template <int NB>
+  // dP[t] += sum over NB channels (c0 ...) of g_y * x_t and (WY: with a gate, for dgate) y[c] =
+  // sum over taps of P[t] * x_t at the N columns from j0 (the tile's first tap at column off of
+  // the staged rows)
+  template <int NB, bool WY>
   void dp_block(const A* Pr, int64_t BW, const A* Gr, const A* const* xr, const A* zero, const A* xzero, int64_t c0,
                 int64_t j0, int64_t off, A* dP, V* yout) const {
     V gy[NB], y[NB];
@@ -839,7 +848,7 @@ struct Kernels {
         for (int cb = 0; cb < NB; ++cb) {
           const V xv = load(xc[cb] + v * d);
           dp = vfma(gy[cb], xv, dp);
-          y[cb] = vfma(pv, xv, y[cb]);
+          if (WY) y[cb] = vfma(pv, xv, y[cb]);
         }
         store(dP + t * N, dp);
       }
@@ -945,10 +954,17 @@ struct Kernels {
             for (int64_t c0 = 0; c0 < Cg;) {
               const int nb = Cg - c0 >= 8 ? 8 : 4;
               V y[8] = {};
-              if (nb == 8)
-                dp_block<8>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
-              else
-                dp_block<4>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+              if (gate != nullptr) {
+                if (nb == 8)
+                  dp_block<8, true>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+                else
+                  dp_block<4, true>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+              } else {
+                if (nb == 8)
+                  dp_block<8, false>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+                else
+                  dp_block<4, false>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+              }
               for (int cb = 0; cb < 8; ++cb) {
                 if (cb >= nb || c0 + cb >= Cg) break;
                 store(Y.p + (c0 + cb) * N, y[cb]);
@@ -1157,14 +1173,18 @@ struct Kernels {
   // Softmax over the KK taps of each head of a pixel, in place in P (heads KKP = KK rounded up to N
   // apart; lanes past KK hold -inf and come out 0). Returns nothing; raw weights are left as they are.
   void load_logits(const T* src, A* P, int64_t KKP) const {
-    const A ninf = -__builtin_inf();
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t t = 0; t < KKP; t += N) {
-        V v = vload<A>(src + g * KK + t, KK - t);
-        if (softmax && t + N > KK)
-          for (int64_t l = KK - t; l < N; ++l) v[l] = ninf;
-        store(P + g * KKP + t, v);
-      }
+    const int64_t tail = KKP - N;  // the last vector of a head's taps, partial unless N divides KK
+    using M = typename Vec<A>::mask;
+    M lane;
+    for (int l = 0; l < N; ++l) lane[l] = l;
+    const M valid = M{} + static_cast<typename Vec<A>::lane_int>(KK - tail);
+    const auto pad = lane >= valid;
+    const V ninf = splat<A>(-__builtin_inf());
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t t = 0; t < tail; t += N) store(P + g * KKP + t, vload<A>(src + g * KK + t));
+      const V v = vload<A>(src + g * KK + tail, KK - tail);
+      store(P + g * KKP + tail, softmax ? (pad ? ninf : v) : v);
+    }
   }
   // exponentials (max subtracted) of each head's taps in place, and 1 / their sum per head
   void exp_taps(A* P, int64_t KKP, A* inv) const {
@@ -1251,39 +1271,41 @@ struct Kernels {
   }
 
   // dP[t] = <g_y, x_t> for the KK taps of head h at a pixel (P and the taps xp, g_y at gy), and
-  // Y = sum over taps of P[t] * x_t: per block of N taps the N products (channels in vectors)
-  // go through the transpose-and-add, so dP comes out as vectors of taps.
+  // (WY: with a gate) Y = sum over taps of P[t] * x_t. Per block of N taps, the N products
+  // (channels in vectors) go through the transpose-and-add, so dP comes out as vectors of taps;
+  // the taps past the last full block are summed one by one.
+  template <bool WY>
   void dp_taps(const T* const* xp, const A* Ph, const A* gy, int64_t h, int64_t KKP, A* dP, A* Y) const {
+    const int64_t full = KK / N * N;
     for (int64_t t0 = 0; t0 < KKP; t0 += N) store(dP + t0, V{});
     for (int64_t c0 = 0; c0 < Cg; c0 += 2 * N) {  // two chunks of the head at a time
       const int64_t n0 = imin(N, Cg - c0), n1 = imin(N, imax(Cg - c0 - N, 0));
       const V g0 = vload<A>(gy + c0, n0), g1 = n1 > 0 ? vload<A>(gy + c0 + N, n1) : V{};
       V y0[2] = {}, y1[2] = {};
-      for (int64_t t0 = 0; t0 < KKP; t0 += N) {
+      auto tap = [&](int64_t t, int i) {  // the product vector of tap t; y (accumulator i % 2)
+        const T* xt = xp[t] + h * Cg + c0;
+        const V x0 = vload<A>(xt, n0);
+        V prod = g0 * x0;
+        if (WY) y0[i % 2] = vfma(splat(Ph[t]), x0, y0[i % 2]);
+        if (n1 > 0) {
+          const V x1 = vload<A>(xt + N, n1);
+          prod = vfma(g1, x1, prod);
+          if (WY) y1[i % 2] = vfma(splat(Ph[t]), x1, y1[i % 2]);
+        }
+        return prod;
+      };
+      for (int64_t t0 = 0; t0 < full; t0 += N) {
         V prod[N];
 #pragma GCC unroll 16
-        for (int i = 0; i < N; ++i) {
-          const int64_t t = t0 + bitrev(i);
-          if (t >= KK) {
-            prod[i] = V{};
-            continue;
-          }
-          const T* xt = xp[t] + h * Cg + c0;
-          const V pv = splat(Ph[t]);
-          const V x0 = vload<A>(xt, n0);
-          prod[i] = g0 * x0;
-          y0[i % 2] = vfma(pv, x0, y0[i % 2]);
-          if (n1 > 0) {
-            const V x1 = vload<A>(xt + N, n1);
-            prod[i] = vfma(g1, x1, prod[i]);
-            y1[i % 2] = vfma(pv, x1, y1[i % 2]);
-          }
-        }
+        for (int i = 0; i < N; ++i) prod[i] = tap(t0 + bitrev(i), i);
         reduce_level<N / 2>(prod);
         store(dP + t0, load(dP + t0) + prod[0]);
       }
-      vstore<A>(Y + h * Cg + c0, y0[0] + y0[1], n0);
-      if (n1 > 0) vstore<A>(Y + h * Cg + c0 + N, y1[0] + y1[1], n1);
+      for (int64_t t = full; t < KK; ++t) dP[t] += hsum<A>(tap(t, static_cast<int>(t)));
+      if (WY) {
+        vstore<A>(Y + h * Cg + c0, y0[0] + y0[1], n0);
+        if (n1 > 0) vstore<A>(Y + h * Cg + c0 + N, y1[0] + y1[1], n1);
+      }
     }
   }
 
@@ -1346,7 +1368,10 @@ struct Kernels {
             const int64_t at = pix(b, p, j);
             for (int64_t g = 0; g < G; ++g) {
               const A* Pg = Pr + j * GKP + g * KKP;
-              dp_taps(xp.p, Pg, Gr + j * C + g * Cg, g, KKP, dP.p, Y.p);
+              if (gate != nullptr)
+                dp_taps<true>(xp.p, Pg, Gr + j * C + g * Cg, g, KKP, dP.p, Y.p);
+              else
+                dp_taps<false>(xp.p, Pg, Gr + j * C + g * Cg, g, KKP, dP.p, Y.p);
               V sum = {};
               if (softmax)
                 for (int64_t t = 0; t < KKP; t += N) sum = vfma(load(Pg + t), load(dP.p + t), sum);
