@@ -218,17 +218,30 @@ struct VConvert<double, double> {
 };
 template <>
 struct VConvert<float, bf16> {
+  // the 16-bit values widened in place (one vpmovzxwd from memory; GCC splits the generic
+  // conversion of a 64-byte vector into halves) and moved to the upper half of each lane
   static vf load(const bf16* p) {
+#if SGDC_VEC_BYTES == 64
+    const __m512i w = _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return (vf)((vu)w << 16);
+#elif SGDC_VEC_BYTES == 32
+    return (vf)((vu)_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))) << 16);
+#else
     vh h;
     std::memcpy(&h, p, sizeof h);
     return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
   }
   static void store(bf16* p, vf v) {
     const vu u = (vu)v;
     const vu quiet = (vu){} + 0x7fc0u;
     const vu r = ((u & 0x7fffffffu) > 0x7f800000u) ? quiet : (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+#if SGDC_VEC_BYTES == 64
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_maskz_cvtepi32_epi16(0xffff, (__m512i)r));
+#else
     const vh h = __builtin_convertvector(r, vh);
     std::memcpy(p, &h, sizeof h);
+#endif
   }
 };
 template <>
@@ -433,6 +446,10 @@ inline A hsum(typename Vec<A>::type v) {
 
 // ---------------------------------------------------------------------------------------------
 // Buffers and tables
+
+// The inner loops are functions of their own: inlined into a large caller, whose loops keep other
+// constants in registers (the exponential's coefficients), GCC keeps their accumulators in memory.
+#define SGDC_NOINLINE __attribute__((noinline))
 
 template <int I>
 struct IntTag {
@@ -1088,14 +1105,14 @@ struct Kernels {
   // (row, tap) x (column, tap) pairs (X: g_y; w: P). NS = 4 / NCH accumulators per chunk take the
   // entries in turn (independent FMA chains), and are added in a fixed order at the end.
   template <int NCH, bool PARTIAL, class X>
-  static void wsum(int64_t ne, const X* const* xp, const A* const* pw, int64_t pstride, const Chunk* ch, V* acc) {
+  SGDC_NOINLINE static void wsum(int64_t ne, const X* const* xp, const A* const* pw, int64_t pstride, const Chunk* ch, V* acc) {
     constexpr int NS = 4 / NCH;
-    V a[NS][NCH];
+    V a[NS * NCH];  // one dimension: GCC keeps it in registers (not a 2-d array)
     int64_t ck[NCH], hk[NCH];
     const int64_t nk = PARTIAL ? ch[0].n : N;
     for (int k = 0; k < NCH; ++k) {
       ck[k] = ch[k].c, hk[k] = ch[k].h * pstride;
-      for (int s_ = 0; s_ < NS; ++s_) a[s_][k] = V{};
+      for (int s_ = 0; s_ < NS; ++s_) a[(s_) * NCH + k] = V{};
     }
     int64_t e = 0;
     for (; e + NS <= ne; e += NS) {
@@ -1103,23 +1120,23 @@ struct Kernels {
         const X* x = xp[e + s_];
         const A* w = pw[e + s_];
         for (int k = 0; k < NCH; ++k)
-          a[s_][k] = vfma(splat(w[hk[k]]), PARTIAL ? vload<A>(x + ck[k], nk) : vload<A>(x + ck[k]), a[s_][k]);
+          a[(s_) * NCH + k] = vfma(splat(w[hk[k]]), PARTIAL ? vload<A>(x + ck[k], nk) : vload<A>(x + ck[k]), a[(s_) * NCH + k]);
       }
     }
-    for (int s_ = 0; s_ < NS; ++s_) {
-      if (e + s_ >= ne) break;
-      const X* x = xp[e + s_];
-      const A* w = pw[e + s_];
-      for (int k = 0; k < NCH; ++k)
-        a[s_][k] = vfma(splat(w[hk[k]]), PARTIAL ? vload<A>(x + ck[k], nk) : vload<A>(x + ck[k]), a[s_][k]);
-    }
+    for (int s_ = 0; s_ < NS; ++s_)  // (an if, not a break: the loop stays unrolled, a in registers)
+      if (e + s_ < ne) {
+        const X* x = xp[e + s_];
+        const A* w = pw[e + s_];
+        for (int k = 0; k < NCH; ++k)
+          a[(s_) * NCH + k] = vfma(splat(w[hk[k]]), PARTIAL ? vload<A>(x + ck[k], nk) : vload<A>(x + ck[k]), a[(s_) * NCH + k]);
+      }
     for (int k = 0; k < NCH; ++k) {
       if (NS == 4)
-        acc[k] = (a[0][k] + a[1 % NS][k]) + (a[2 % NS][k] + a[3 % NS][k]);
+        acc[k] = (a[(0) * NCH + k] + a[(1 % NS) * NCH + k]) + (a[(2 % NS) * NCH + k] + a[(3 % NS) * NCH + k]);
       else if (NS == 2)
-        acc[k] = a[0][k] + a[1 % NS][k];
+        acc[k] = a[(0) * NCH + k] + a[(1 % NS) * NCH + k];
       else
-        acc[k] = a[0][k];
+        acc[k] = a[(0) * NCH + k];
     }
   }
 
@@ -1145,6 +1162,78 @@ struct Kernels {
         wsum<1, true>(ne, xp, pw, pstride, ch + k, acc);
       emit(ch[k], acc[0]);
     }
+  }
+
+  // The same sums over a grid of entries: for u < nu and v < nv, X = xb[u] + v * xs and
+  // w = pb[u] + v * ps (a window's taps, row by row: x and P move by a fixed step from tap to tap;
+  // dx's pairs on a column away from clamped borders likewise). The NS accumulators take the
+  // entries of each row in turn.
+  template <int NCH, bool PARTIAL, class X>
+  SGDC_NOINLINE static void wsum2(int64_t nu, const X* const* xb, const A* const* pb, int64_t nv, int64_t xs, int64_t ps,
+                    int64_t pstride, const Chunk* ch, V* acc) {
+    constexpr int NS = 4 / NCH;
+    V a[NS * NCH];  // one dimension: GCC keeps it in registers (not a 2-d array)
+    int64_t ck[NCH], hk[NCH];
+    const int64_t nk = PARTIAL ? ch[0].n : N;
+    for (int k = 0; k < NCH; ++k) {
+      ck[k] = ch[k].c, hk[k] = ch[k].h * pstride;
+      for (int s_ = 0; s_ < NS; ++s_) a[(s_) * NCH + k] = V{};
+    }
+    for (int64_t u = 0; u < nu; ++u) {
+      const X* x = xb[u];
+      const A* w = pb[u];
+      int64_t v = 0;
+      for (; v + NS <= nv; v += NS, x += NS * xs, w += NS * ps)
+        for (int s_ = 0; s_ < NS; ++s_)
+          for (int k = 0; k < NCH; ++k) {
+            const X* xk = x + s_ * xs + ck[k];
+            a[(s_) * NCH + k] = vfma(splat(w[s_ * ps + hk[k]]), PARTIAL ? vload<A>(xk, nk) : vload<A>(xk), a[(s_) * NCH + k]);
+          }
+      for (int s_ = 0; s_ < NS; ++s_)  // (an if, not a break: the loop stays unrolled, a in registers)
+        if (v + s_ < nv)
+          for (int k = 0; k < NCH; ++k) {
+            const X* xk = x + s_ * xs + ck[k];
+            a[(s_) * NCH + k] = vfma(splat(w[s_ * ps + hk[k]]), PARTIAL ? vload<A>(xk, nk) : vload<A>(xk), a[(s_) * NCH + k]);
+          }
+    }
+    for (int k = 0; k < NCH; ++k) {
+      if (NS == 4)
+        acc[k] = (a[(0) * NCH + k] + a[(1 % NS) * NCH + k]) + (a[(2 % NS) * NCH + k] + a[(3 % NS) * NCH + k]);
+      else if (NS == 2)
+        acc[k] = a[(0) * NCH + k] + a[(1 % NS) * NCH + k];
+      else
+        acc[k] = a[(0) * NCH + k];
+    }
+  }
+
+  template <class X, class Emit>
+  static void wsum2_all(int64_t nu, const X* const* xb, const A* const* pb, int64_t nv, int64_t xs, int64_t ps,
+                        int64_t pstride, const Chunk* ch, int64_t nchunks, const Emit& emit) {
+    V acc[4];
+    int64_t k = 0;
+    for (; k + 4 <= nchunks && ch[k + 3].n == N; k += 4) {
+      wsum2<4, false>(nu, xb, pb, nv, xs, ps, pstride, ch + k, acc);
+      for (int i = 0; i < 4; ++i) emit(ch[k + i], acc[i]);
+    }
+    for (; k + 2 <= nchunks && ch[k + 1].n == N; k += 2) {
+      wsum2<2, false>(nu, xb, pb, nv, xs, ps, pstride, ch + k, acc);
+      for (int i = 0; i < 2; ++i) emit(ch[k + i], acc[i]);
+    }
+    for (; k < nchunks; ++k) {
+      if (ch[k].n == N)
+        wsum2<1, false>(nu, xb, pb, nv, xs, ps, pstride, ch + k, acc);
+      else
+        wsum2<1, true>(nu, xb, pb, nv, xs, ps, pstride, ch + k, acc);
+      emit(ch[k], acc[0]);
+    }
+  }
+
+  // the taps k < K of pixel p along an axis that read inside it: [k0, k1)
+  static void inside(const Axis& ax, int64_t p, int64_t& k0, int64_t& k1) {
+    const int64_t s0 = ax.start[p];
+    k0 = s0 >= 0 ? 0 : (-s0 + ax.d - 1) / ax.d;
+    k1 = s0 + (ax.K - 1) * ax.d < ax.n ? ax.K : (ax.n - 1 - s0) / ax.d + 1;
+    if (k1 < k0) k1 = k0;
   }
 
   // The taps of the pixels of output row p: row pointers (x at (b, S(p) + u*d, 0), or null outside)
@@ -1206,29 +1295,43 @@ struct Kernels {
     }
   }
 
+  // Per pixel: the softmax of every head's taps (load_logits, exp_taps), then the window sums of
+  // every chunk of channels (wsum2 over the taps inside the image, P broadcast), scaled by
+  // 1 / the head's sum and the gate. Raw weights at taps outside a centred window still multiply
+  // the zeros there (an infinite weight gives NaN, as in the `torch` backend).
   void forward_cl(const T* x, const T* w, const T* gate, T* out, const Parallel& par) const {
     const int64_t KKP = ceil_div(KK, N) * N;
     cl_items(par, [&](int64_t b, int64_t qa, int64_t qb, const Cols& tc) {
-      Buf<A> P(G * KKP), inv(G);
-      Buf<const T*> xp(KK), rp(K);
-      Buf<const A*> pw(KK);
-      Buf<T> zero(C + N);
+      Buf<A> P(G * KKP), inv(G), zfix(G);
+      Buf<const T*> xb(K);
+      Buf<const A*> pb(K);
       Buf<Chunk> ch(max_chunks());
       const int64_t nch = chunks(ch.p);
-      for (int64_t t = 0; t < KK; ++t) pw[t] = P.p + t;
       for (int64_t g = 0; g < G; ++g) inv[g] = 1;
       for (int64_t p = qa; p < qb; ++p) {
-        tap_rows(x, b, p, rp.p);
-        const bool row_inside = rows.centred[p] && p - r * d >= 0 && p + r * d < H;
-        bool prev = false;
+        int64_t u0, u1;
+        inside(rows, p, u0, u1);
         for (int64_t j = tc.ja; j < tc.jb; ++j) {
-          const bool inside = row_inside && interior_col(j);
-          tap_pointers(rp.p, j, zero.p, inside && prev, xp.p);
-          prev = inside;
+          int64_t v0, v1;
+          inside(cols, j, v0, v1);
+          for (int64_t u = u0; u < u1; ++u) {
+            xb[u - u0] = x + pix(b, rows.start[p] + u * d, cols.start[j] + v0 * d) * C;
+            pb[u - u0] = P.p + u * K + v0;
+          }
           load_logits(w + pix(b, p, j) * G * KK, P.p, KKP);
           if (softmax) exp_taps(P.p, KKP, inv.p);
+          const bool cut = u0 > 0 || u1 < K || v0 > 0 || v1 < K;
+          if (!softmax && cut)
+            for (int64_t g = 0; g < G; ++g) {  // sum of P * 0 over the taps outside: 0, or NaN
+              A z = 0;
+              for (int64_t u = 0; u < K; ++u)
+                for (int64_t v = 0; v < K; ++v)
+                  if (u < u0 || u >= u1 || v < v0 || v >= v1) z += P[g * KKP + u * K + v] * A(0);
+              zfix[g] = z;
+            }
           const int64_t at = pix(b, p, j) * C;
-          wsum_all(KK, xp.p, pw.p, KKP, ch.p, nch, [&](const Chunk& c, V acc) {
+          wsum2_all(u1 - u0, xb.p, pb.p, v1 - v0, d * C, 1, KKP, ch.p, nch, [&](const Chunk& c, V acc) {
+            if (!softmax && cut) acc += zfix[c.h];
             V y = acc * inv[c.h];
             if (gate != nullptr) y = y * vsigmoid(vload<A>(gate + at + c.c, c.n));
             vstore<A>(out + at + c.c, y, c.n);
