@@ -144,6 +144,19 @@ def test_wide_heads(kernels, isas, dtype):
             _compare(got, want, (x, x, w, g), dtype, f"{isa} {shape} {layout} d={d} clamp={clamp}")
 
 
+def test_tiles_and_bands(kernels, isas):
+    """K = 17 on 150 columns: the backward's rings of P and g_y take the most memory per column, and
+    the columns split into tiles (at least 64 columns each) whose windows and readers overlap
+    their neighbours'; three threads split the rows into bands. Every border and normalization."""
+    shape = (1, 6, 21, 150, 2, 17)
+    for (clamp, softmax), layout in itertools.product([(False, True), (True, False)], LAYOUTS):
+        x, w, g, dout = _inputs(shape, torch.float32, layout, clamp, softmax, 9)
+        want = _reference(x, w, g, dout, 17, 2, _mode(1, clamp, softmax))
+        for isa in isas:
+            got = _run(kernels, x, w, g, dout, 17, 2, 1, clamp, softmax, isa, threads=3)
+            _compare(got, want, (x, x, w, g), torch.float32, f"{isa} {layout} clamp={clamp}")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_tiny_and_empty_images(kernels, isas, layout):
     """1x1 images (every tap but the centre outside), one channel per head, an empty batch."""
@@ -229,6 +242,7 @@ def test_bitwise_the_same_for_any_thread_count_and_run(kernels, isas, dtype):
         ((1, 8, 30, 33, 1, 5), 2, True, False),
         ((1, 12, 24, 17, 3, 3), 3, False, False),
         ((3, 4, 13, 50, 4, 13), 1, True, True),
+        ((1, 6, 20, 150, 2, 17), 1, False, True),  # several tiles
     ]
     for (shape, d, clamp, softmax), layout, isa in itertools.product(cases, LAYOUTS, isas):
         x, w, g, dout = _inputs(shape, dtype, layout, True, softmax, 5)
@@ -276,6 +290,33 @@ def test_instruction_sets_share_no_inline_code(kernels):
         foreign = [ln for ln in weak if f"sgdc::cpu::{isa}::" not in ln and " DW.ref." not in ln]
         assert not foreign, f"{isa}: weak symbols outside sgdc::cpu::{isa}:\n" + "\n".join(foreign[:20])
         assert any(f"sgdc::cpu::{isa}::forward" in ln for ln in listing.stdout.splitlines()), f"{isa}: no kernels"
+
+
+# what the float32 inner loops of each instruction set's object must contain: fused multiply-adds
+# on its widest registers (SSE2 has no FMA: multiplies and adds on xmm)
+VECTOR_FMA = {"avx512": r"vfmadd\d+ps .*%zmm", "avx2": r"vfmadd\d+ps .*%ymm", "baseline": r"\bmulps .*%xmm"}
+HOT = [f"Kernels<float, float>::{name}" for name in
+       ("forward_nchw_item", "backward_nchw_item", "wsum2<", "wsum<", "backward_cl_item")]  # fmt: skip
+
+
+def test_the_hot_loops_are_vectorized(kernels):
+    """objdump of each instruction set's object: the window sums (NCHW forward and backward,
+    channels_last's wsum and wsum2, and its backward with dP) use FMAs on zmm (AVX-512) and ymm
+    (AVX2) registers, multiplies on xmm for SSE2."""
+    import re
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("needs objdump (binutils)")
+    folder = shim.build()
+    for isa, pattern in VECTOR_FMA.items():
+        text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", str(folder / f"window_conv_cpu_{isa}.o")],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+        functions = re.split(r"\n(?=[0-9a-f]+ <)", text)
+        for hot in HOT:
+            bodies = [f for f in functions if hot in f.split("\n", 1)[0]]
+            assert bodies, f"{isa}: no function {hot} in the object"
+            assert any(re.search(pattern, f) for f in bodies), f"{isa}: {hot} has no {pattern}"
 
 
 def _sparse(shape, dtype, memory_format):

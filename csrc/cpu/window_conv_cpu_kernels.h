@@ -451,11 +451,6 @@ inline A hsum(typename Vec<A>::type v) {
 // constants in registers (the exponential's coefficients), GCC keeps their accumulators in memory.
 #define SGDC_NOINLINE __attribute__((noinline))
 
-template <int I>
-struct IntTag {
-  static constexpr int value = I;
-};
-
 // An owning, zero-initialized array.
 template <class X>
 struct Buf {
@@ -589,16 +584,15 @@ struct Cols {
   }
 };
 
-// How a call is split into work items: bands of rows x tiles of columns (x heads in NCHW).
+// How a call is split into work items: bands of rows x tiles of columns (x heads in NCHW). A
+// tile is as wide as the item's buffers allow (`floats_per_col` per column, about 1 MB in all, at
+// least 64 columns); enough bands give every thread a few items.
 struct Split {
   int64_t bands = 1, tiles = 1, band_rows = 1, tile_cols = 1;
-  Split(const Shape& s, int64_t per_sample, int threads) {
-    const int64_t KK = s.K * s.K;
-    // tiles of at most ~8K floats of P per row (the forward's P tile stays in L1/L2)
-    const int64_t max_cols = imax(16, 8192 / KK);
+  Split(const Shape& s, int64_t per_sample, int64_t floats_per_col, int threads) {
+    const int64_t max_cols = imax(64, (int64_t{1} << 18) / imax(floats_per_col, 1));
     tiles = ceil_div(s.W, max_cols);
     tile_cols = ceil_div(s.W, tiles);
-    // enough bands to give every thread a few items
     const int64_t items = s.B * per_sample * tiles;
     const int64_t want = 4 * static_cast<int64_t>(threads > 0 ? threads : 1);
     bands = imax(1, imin(s.H, ceil_div(want, imax(items, 1))));
@@ -666,8 +660,8 @@ struct Kernels {
     }
   };
 
-  // Channel c of image row i of the ring, as a pointer indexed by image column (rows outside the
-  // image, and c = -1, read zeros); stages the row first.
+  // Image row i staged in the ring (its slot: Cg rows of `width` values), or null for a row
+  // outside the image.
   const A* stage(XRing& ring, const T* x, int64_t b, int64_t c0, int64_t i) const {
     if (i < 0 || i >= H) return nullptr;
     const int64_t slot = (i / d) % K;
@@ -698,8 +692,8 @@ struct Kernels {
   }
 
   template <class F>
-  void nchw_items(const Parallel& par, const F& item) const {
-    const Split split(s, G, par.threads);
+  void nchw_items(const Parallel& par, int64_t floats_per_col, const F& item) const {
+    const Split split(s, G, floats_per_col, par.threads);
     parallel_items(par, B * G * split.bands * split.tiles, [&](int64_t begin, int64_t end) {
       for (int64_t it = begin; it < end; ++it) {
         const int64_t tile = it % split.tiles, band = it / split.tiles % split.bands;
@@ -725,7 +719,7 @@ struct Kernels {
   }
 
   void forward_nchw(const T* x, const T* w, const T* gate, T* out, const Parallel& par) const {
-    nchw_items(par, [&](int64_t b, int64_t g, int64_t qa, int64_t qb, const Cols& tc) {
+    nchw_items(par, K * Cg, [&](int64_t b, int64_t g, int64_t qa, int64_t qb, const Cols& tc) {
       forward_nchw_item(x, w, gate, out, b, g, qa, qb, tc);
     });
   }
@@ -839,7 +833,8 @@ struct Kernels {
 
   void backward_nchw(const T* dout, const T* x, const T* w, const T* gate, T* dx, T* dw, T* dgate,
                      const Parallel& par) const {
-    nchw_items(par, [&](int64_t b, int64_t g, int64_t qa, int64_t qb, const Cols& tc) {
+    const int64_t ring_rows = (K + r) * d;  // about the rows a sweep keeps
+    nchw_items(par, ring_rows * (KK + Cg) + K * Cg, [&](int64_t b, int64_t g, int64_t qa, int64_t qb, const Cols& tc) {
       backward_nchw_item(dout, x, w, gate, dx, dw, dgate, b, g, qa, qb, tc);
     });
   }
@@ -1071,8 +1066,8 @@ struct Kernels {
   int64_t pix(int64_t b, int64_t i, int64_t j) const { return (b * H + i) * W + j; }
 
   template <class F>
-  void cl_items(const Parallel& par, const F& item) const {
-    const Split split(s, 1, par.threads);
+  void cl_items(const Parallel& par, int64_t floats_per_col, const F& item) const {
+    const Split split(s, 1, floats_per_col, par.threads);
     parallel_items(par, B * split.bands * split.tiles, [&](int64_t begin, int64_t end) {
       for (int64_t it = begin; it < end; ++it) {
         const int64_t tile = it % split.tiles, band = it / split.tiles % split.bands;
@@ -1301,7 +1296,7 @@ struct Kernels {
   // the zeros there (an infinite weight gives NaN, as in the `torch` backend).
   void forward_cl(const T* x, const T* w, const T* gate, T* out, const Parallel& par) const {
     const int64_t KKP = ceil_div(KK, N) * N;
-    cl_items(par, [&](int64_t b, int64_t qa, int64_t qb, const Cols& tc) {
+    cl_items(par, 0, [&](int64_t b, int64_t qa, int64_t qb, const Cols& tc) {
       Buf<A> P(G * KKP), inv(G), zfix(G);
       Buf<const T*> xb(K);
       Buf<const A*> pb(K);
@@ -1343,7 +1338,8 @@ struct Kernels {
 
   void backward_cl(const T* dout, const T* x, const T* w, const T* gate, T* dx, T* dw, T* dgate,
                    const Parallel& par) const {
-    cl_items(par, [&](int64_t b, int64_t qa, int64_t qb, const Cols& tc) {
+    const int64_t KKP = ceil_div(KK, N) * N;
+    cl_items(par, (K + r) * d * (G * KKP + C), [&](int64_t b, int64_t qa, int64_t qb, const Cols& tc) {
       backward_cl_item(dout, x, w, gate, dx, dw, dgate, b, qa, qb, tc);
     });
   }
