@@ -682,12 +682,17 @@ struct Kernels {
     return base;
   }
 
-  // x pointers of the window rows of output row p: xr[u * Cg + c] indexed by image column
+  // Channels per window row in the x pointer tables: Cg rounded up to a block of 8, the channels
+  // past Cg pointing at a row of zeros (so that blocks need no test per channel).
+  int64_t cstride() const { return ceil_div(imax(Cg, 1), 8) * 8; }
+
+  // x pointers of the window rows of output row p: xr[u * cstride() + c] indexed by image column
   void window_rows(XRing& ring, const T* x, int64_t b, int64_t g, int64_t p, const A** xr) const {
     for (int64_t u = 0; u < K; ++u) {
       const A* base = stage(ring, x, b, g * Cg, rows.start[p] + u * d);
       for (int64_t c = 0; c < Cg; ++c)
-        xr[u * Cg + c] = (base ? base + c * ring.width : ring.zero.p) - ring.xlo;
+        xr[u * cstride() + c] = (base ? base + c * ring.width : ring.zero.p) - ring.xlo;
+      for (int64_t c = Cg; c < cstride(); ++c) xr[u * cstride() + c] = ring.zero.p - ring.xlo;
     }
   }
 
@@ -734,15 +739,15 @@ struct Kernels {
   }
 
   // The window sums of NB channels (c0 ...) at the N columns whose first tap is column `off` of
-  // the staged rows xr[u * Cg + c] (indexed by image column): per tap a load of the tap's weights
+  // the staged rows xr[u * cstride() + c] (indexed by image column): per tap a load of the tap's weights
   // (P[t * N ...]) and NB shifted loads of x, into NB accumulators. Channels past Cg read `zero`.
   template <int NB>
-  void window_block(const A* P, const A* const* xr, const A* zero, int64_t c0, int64_t off, V* acc) const {
+  void window_block(const A* P, const A* const* xr, int64_t c0, int64_t off, V* acc) const {
     V a[NB];
     const A* xc[NB];
     for (int cb = 0; cb < NB; ++cb) a[cb] = V{};
     for (int64_t u = 0; u < K; ++u) {
-      for (int cb = 0; cb < NB; ++cb) xc[cb] = (c0 + cb < Cg ? xr[u * Cg + c0 + cb] : zero) + off;
+      for (int cb = 0; cb < NB; ++cb) xc[cb] = xr[u * cstride() + c0 + cb] + off;
       const A* Pu = P + u * K * N;
       for (int64_t v = 0; v < K; ++v) {
         const V pv = load(Pu + v * N);
@@ -761,8 +766,7 @@ struct Kernels {
     const int64_t TW = tc.jb - tc.ja, TWP = ceil_div(TW, N) * N;
     XRing ring(Cg, K, d, imin(tc.xlo, tc.ja - r * d), imax(tc.xhi, tc.ja + TWP + r * d));
     Buf<A> P(KK * N), fix(8 * N);
-    Buf<const A*> xr(K * imax(Cg, 1));
-    const A* zero = ring.zero.p - ring.xlo;
+    Buf<const A*> xr(K * cstride());
     const int64_t plane = H * W;
     for (int64_t m = 0; m < d; ++m) {
       for (int64_t p = qa + ((m - qa % d) % d + d) % d; p < qb; p += d) {
@@ -799,9 +803,9 @@ struct Kernels {
             const int nb = Cg - c0 >= 8 ? 8 : 4;
             V acc[8] = {};
             if (nb == 8)
-              window_block<8>(P.p, xr.p, zero, c0, j0 - r * d, acc);
+              window_block<8>(P.p, xr.p, c0, j0 - r * d, acc);
             else
-              window_block<4>(P.p, xr.p, zero, c0, j0 - r * d, acc);
+              window_block<4>(P.p, xr.p, c0, j0 - r * d, acc);
             if (edge) {
               for (int cb = 0; cb < 8; ++cb) store(fix.p + cb * N, acc[cb]);
               for (int64_t l = 0; l < n; ++l) {
@@ -811,18 +815,25 @@ struct Kernels {
                   A a = 0;
                   for (int64_t u = 0; u < K; ++u)
                     for (int64_t v = 0; v < K; ++v)
-                      a += P[(u * K + v) * N + l] * xr[u * Cg + c0 + cb][cols.start[j] + v * d];
+                      a += P[(u * K + v) * N + l] * xr[u * cstride() + c0 + cb][cols.start[j] + v * d];
                   fix[cb * N + l] = a;
                 }
               }
               for (int cb = 0; cb < 8; ++cb) acc[cb] = load(fix.p + cb * N);
             }
-            for (int cb = 0; cb < 8; ++cb) {
-              if (cb >= nb || c0 + cb >= Cg) break;
-              const int64_t at = x_index(b, g * Cg + c0 + cb, p, j0);
-              V y = acc[cb] * inv;
-              if (gate != nullptr) y = y * vsigmoid(vload<A>(gate + at, n));
-              vstore<A>(out + at, y, n);
+            const int64_t at = x_index(b, g * Cg + c0, p, j0);
+            if (nb == 8 && c0 + 8 <= Cg && n == N) {  // 8 gates at once: their sigmoids interleave
+              V y[8];
+              for (int cb = 0; cb < 8; ++cb) y[cb] = acc[cb] * inv;
+              if (gate != nullptr)
+                for (int cb = 0; cb < 8; ++cb) y[cb] = y[cb] * vsigmoid(vload<A>(gate + at + cb * plane));
+              for (int cb = 0; cb < 8; ++cb) vstore<A>(out + at + cb * plane, y[cb], N);
+            } else {
+              for (int cb = 0; cb < nb && c0 + cb < Cg; ++cb) {
+                V y = acc[cb] * inv;
+                if (gate != nullptr) y = y * vsigmoid(vload<A>(gate + at + cb * plane, n));
+                vstore<A>(out + at + cb * plane, y, n);
+              }
             }
             c0 += nb;
           }
@@ -843,7 +854,7 @@ struct Kernels {
   // sum over taps of P[t] * x_t at the N columns from j0 (the tile's first tap at column off of
   // the staged rows)
   template <int NB, bool WY>
-  void dp_block(const A* Pr, int64_t BW, const A* Gr, const A* const* xr, const A* zero, const A* xzero, int64_t c0,
+  void dp_block(const A* Pr, int64_t BW, const A* Gr, const A* const* xr, const A* zero, int64_t c0,
                 int64_t j0, int64_t off, A* dP, V* yout) const {
     V gy[NB], y[NB];
     const A* xc[NB];
@@ -852,7 +863,7 @@ struct Kernels {
       y[cb] = V{};
     }
     for (int64_t u = 0; u < K; ++u) {
-      for (int cb = 0; cb < NB; ++cb) xc[cb] = (c0 + cb < Cg ? xr[u * Cg + c0 + cb] : xzero) + off;
+      for (int cb = 0; cb < NB; ++cb) xc[cb] = xr[u * cstride() + c0 + cb] + off;
       for (int64_t v = 0; v < K; ++v) {
         const int64_t t = u * K + v;
         const V pv = load(Pr + t * BW + j0);
@@ -904,9 +915,8 @@ struct Kernels {
     Buf<A> Pring(slots * KK * BW), Gring(slots * Cg * BW), Srow(imax(Cg, 1) * BW), zrow(BW);
     Buf<A> Pc(KK * N), dP(KK * N), Y(imax(Cg, 1) * N), fix(8 * N);
     XRing ring(Cg, K, d, imin(tc.xlo, tc.ja - r * d), imax(tc.xhi, tc.ja + TWP + r * d));
-    Buf<const A*> xr(K * imax(Cg, 1));
+    Buf<const A*> xr(K * cstride());
     const A* zero = zrow.p - bA;
-    const A* xzero = ring.zero.p - ring.xlo;
     const int64_t plane = H * W;
     for (int64_t m = 0; m < d; ++m) {
       const Sweep sw(rows, qa, qb, m);
@@ -968,14 +978,14 @@ struct Kernels {
               V y[8] = {};
               if (gate != nullptr) {
                 if (nb == 8)
-                  dp_block<8, true>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+                  dp_block<8, true>(Pr, BW, Gr, xr.p, zero, c0, j0, j0 - r * d, dP.p, y);
                 else
-                  dp_block<4, true>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+                  dp_block<4, true>(Pr, BW, Gr, xr.p, zero, c0, j0, j0 - r * d, dP.p, y);
               } else {
                 if (nb == 8)
-                  dp_block<8, false>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+                  dp_block<8, false>(Pr, BW, Gr, xr.p, zero, c0, j0, j0 - r * d, dP.p, y);
                 else
-                  dp_block<4, false>(Pr, BW, Gr, xr.p, zero, xzero, c0, j0, j0 - r * d, dP.p, y);
+                  dp_block<4, false>(Pr, BW, Gr, xr.p, zero, c0, j0, j0 - r * d, dP.p, y);
               }
               for (int cb = 0; cb < 8; ++cb) {
                 if (cb >= nb || c0 + cb >= Cg) break;
@@ -992,7 +1002,7 @@ struct Kernels {
                   A yc = 0;
                   for (int64_t u = 0; u < K; ++u)
                     for (int64_t v = 0; v < K; ++v) {
-                      const A xv = xr[u * Cg + c][cols.start[j] + v * d];
+                      const A xv = xr[u * cstride() + c][cols.start[j] + v * d];
                       dP[(u * K + v) * N + l] += Gr[c * BW + j] * xv;
                       yc += Pr[(u * K + v) * BW + j] * xv;
                     }
