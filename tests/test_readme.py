@@ -1,6 +1,7 @@
 """Every command in the README's bash blocks, run as written from the repository root (where the
 quick start leaves a user), or skipped for a stated reason. A command this file does not know
-fails the test, so a new README command comes with its check."""
+fails the test, so a new README command comes with its check. The README's Python blocks run too,
+in order, as one program (later blocks use the names earlier ones define)."""
 
 import os
 import re
@@ -88,3 +89,13 @@ def test_the_readme_has_the_commands_this_file_checks():
     commands = readme_commands()
     assert "python -m sgdc_kernels.info" in commands
     assert any(c.startswith("python bench/run.py") for c in commands)
+
+
+def test_the_readme_python_blocks_run_as_written(tmp_path):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    script = tmp_path / "readme_blocks.py"
+    script.write_text("\n".join(blocks))
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
