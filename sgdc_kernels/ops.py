@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .custom_ops import memory_format_of
+from .reference import shift_forward
 from .registry import check_name, forward_op, resolve
 
 Tensor = torch.Tensor
@@ -159,7 +160,13 @@ def window_conv(
 
 
 def _run(backend, x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax) -> Tensor:
-    """The validated call, on the backend and variant that ``backend`` means for it."""
+    """The validated call, on the backend and variant that ``backend`` means for it.
+
+    Under ``torch.onnx.export`` the call is the `torch` backend's formulation itself, made of
+    standard operators that ONNX has (no custom operator of this package reaches the graph), with
+    the image axes symbolic, so one exported file serves every batch and image size."""
+    if torch.onnx.is_in_onnx_export():
+        return shift_forward(x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax)
     name, variant = resolve(backend, x.device.type, x.dtype, dilation, clamp, softmax)
     fmt = memory_format_of(x)
     x = x.contiguous(memory_format=fmt)

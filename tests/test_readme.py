@@ -97,5 +97,6 @@ def test_the_readme_python_blocks_run_as_written(tmp_path):
     assert len(blocks) >= 3
     script = tmp_path / "readme_blocks.py"
     script.write_text("\n".join(blocks))
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # from an empty folder: the blocks name no file of the repository, and write theirs there
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
