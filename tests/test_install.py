@@ -171,6 +171,43 @@ def test_a_build_from_before_the_stable_abi_needs_its_own_torch(monkeypatch):
     assert _cuda.torch_mismatch() is None
 
 
+def _copy_tracked(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if files.returncode != 0:
+        pytest.skip("not a git checkout: cannot copy the tracked files")
+    for rel in files.stdout.split():
+        if os.path.isfile(os.path.join(ROOT, rel)):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, rel), dest / rel)
+    return dest
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch at build time")
+def test_a_toolkit_of_another_cuda_major_builds_the_schemas_only_and_says_why(tmp_path):
+    """What pip's isolated build does where its torch is built for another CUDA major than the
+    local toolkit: one line saying so, the schemas only (recorded for the loader), and a loud
+    failure with FORCE_CUDA=1. setup.py decides when it is loaded, so `setup.py --version` shows it."""
+    checkout = _copy_tracked(tmp_path / "checkout")
+    other = 12 if int(torch.version.cuda.split(".")[0]) != 12 else 13
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}.0, V{other}.0.1'\n")
+    nvcc.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "SGDC_SKIP_CUDA_BUILD")}
+    env["CUDA_HOME"] = str(tmp_path / "cuda")
+    setup = [sys.executable, "setup.py", "--version"]
+    res = subprocess.run(setup, cwd=checkout, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [line for line in res.stderr.splitlines() if line.startswith("sgdc-kernels:")]
+    assert len(said) == 1, said
+    assert "without CUDA kernels" in said[0] and f"is CUDA {other}.0, another major version" in said[0], said
+    assert f"built for CUDA {torch.version.cuda}" in said[0] and "pip install --no-build-isolation ." in said[0]
+    config = (checkout / "sgdc_kernels" / "_build_config.py").read_text()
+    assert "KERNELS = False" in config and "TORCH_TARGET = '2.10'" in config, config
+    res = subprocess.run(setup, cwd=checkout, env={**env, "FORCE_CUDA": "1"}, capture_output=True, text=True)
+    assert res.returncode != 0 and "FORCE_CUDA=1 but the CUDA kernels cannot be built" in res.stderr, res.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # A quiet install
 # ------------------------------------------------------------------------------------------------
