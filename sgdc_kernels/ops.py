@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .custom_ops import memory_format_of
-from .reference import shift_forward
 from .registry import check_name, forward_op, resolve
 
 Tensor = torch.Tensor
@@ -166,6 +165,8 @@ def _run(backend, x, weights, gate, kernel_size, num_heads, dilation, clamp, sof
     standard operators that ONNX has (no custom operator of this package reaches the graph), with
     the image axes symbolic, so one exported file serves every batch and image size."""
     if torch.onnx.is_in_onnx_export():
+        from .reference import shift_forward  # the backends load on first use, this one too
+
         return shift_forward(x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax)
     name, variant = resolve(backend, x.device.type, x.dtype, dilation, clamp, softmax)
     fmt = memory_format_of(x)
