@@ -1,5 +1,5 @@
 // Host entry points of the window_conv kernels on raw pointers: the forward, and the backward's two
-// passes (weights, then input), for each kernel variant. The ATen operators (window_conv_forward.cu,
+// passes (weights, then input), for each kernel variant. The operators (window_conv_forward.cu,
 // window_conv_backward.cu) check the tensors and call these; tests/cuda_emu/ calls the very same
 // functions on the host.
 #pragma once
