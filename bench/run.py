@@ -6,6 +6,7 @@
     python bench/run.py --backends torch,unfold --shapes 2x64x64x64x4x7 --no-memory --threads 1
     python bench/run.py --backends unfold,cuda@all      # every kernel variant of the cuda backend
     python bench/run.py --shapes overlock               # NATTEN's na2d_av at OverLoCK's shapes
+    python bench/run.py --plot bench/out/results.png    # and a figure of the results (needs matplotlib)
 
 For each case (shape, dtype, backend) it reports the median time of the forward and of
 forward+backward with their spread, the speedup over `unfold`, the peak memory beyond the inputs
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default="bench/out/results.json", help="JSON output path (default bench/out/results.json)"
     )
+    parser.add_argument("--plot", metavar="PATH",
+                        help="also draw the results to this image (.png, .svg, .pdf): time per backend, speedup over "
+                        "unfold, %% of roofline where measured (bench/plot.py; needs matplotlib)")  # fmt: skip
     parser.add_argument("--train-step", action="store_true",
                         help="then time a full SGD-Net training step per backend (bench/train_step.py, needs "
                         "the 'train' extra); its JSON goes beside --out as *_train_step.json")  # fmt: skip
@@ -236,6 +240,13 @@ def parse_args(argv) -> argparse.Namespace:
     cases, dtype_names, layout_names, backend_list and left_out ({name: why}, without --backends)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.plot:
+        import plot
+
+        missing = plot.matplotlib_missing()
+        if missing:  # one line, before anything is measured
+            print(f"{parser.prog}: error: --plot {args.plot}: {missing}", file=sys.stderr)
+            sys.exit(2)
     for name in ("warmup_time", "time", "min_iters", "threads"):
         value = getattr(args, name)
         if value is not None and (value < 0 or (value == 0 and name in ("min_iters", "threads"))):
@@ -391,6 +402,12 @@ def main(argv=None) -> int:
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     print(f"\nwrote {args.out}")
+    if args.plot:
+        import plot
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        plot.plot_results(rows, meta, args.plot)
+        print(f"wrote {args.plot}")
     if args.train_step:
         out = os.path.splitext(args.out)[0] + "_train_step.json"
         script = os.path.join(_HERE, "train_step.py")

@@ -1,7 +1,13 @@
 // Schemas of the sgdc::cuda_* operators (implementations in cuda/), the Python module stub that
 // makes `import sgdc_kernels._C` load them, and the build information of the extension.
-#include <torch/library.h>
+//
+// Everything here and in cuda/ is written on the LibTorch stable ABI (torch/csrc/stable, the C shim
+// and the header-only torch/headeronly), compiled with TORCH_TARGET_VERSION = torch 2.10, so one
+// build loads into every torch from 2.10 on; the module stub uses only Python's limited API
+// (Py_LIMITED_API = 3.10), so one build serves every CPython from 3.10 on (an abi3 wheel).
+#include <torch/csrc/stable/library.h>
 
+#ifdef SGDC_CUDA_KERNELS
 namespace sgdc {
 namespace cuda_impl {
 const char* compiled_arch_list();  // defined in cuda/window_conv_forward.cu
@@ -9,13 +15,15 @@ int compiled_cuda_version();
 const char* compiled_variant_list();  // kernel variants, the default first
 }  // namespace cuda_impl
 }  // namespace sgdc
+#endif
 
 // FRAGMENT: the Python backends define sgdc::torch_* and sgdc::triton_* in the same namespace.
-TORCH_LIBRARY_FRAGMENT(sgdc, m) {
-  // Fake kernels and autograd are registered from Python when `import sgdc_kernels._C` runs
-  // sgdc_kernels._cuda._register(); the fakes themselves live in sgdc_kernels.custom_ops (torch
-  // checks that the module named here is where the fake implementation was defined).
-  m.set_python_module("sgdc_kernels.custom_ops", "import sgdc_kernels._C registers them");
+// Fake kernels and autograd are registered from Python when `import sgdc_kernels._C` runs
+// sgdc_kernels._cuda._register(); the fakes themselves live in sgdc_kernels.custom_ops. (The
+// stable ABI of torch 2.10 cannot name that module to the dispatcher, as set_python_module does
+// from 2.13 on; nothing needs it, since the import that registers the operators registers the
+// fakes too.)
+STABLE_TORCH_LIBRARY_FRAGMENT(sgdc, m) {
   // The schemas of sgdc_kernels.custom_ops (FORWARD_SCHEMA, BACKWARD_SCHEMA).
   m.def(
       "cuda_forward(Tensor x, Tensor weights, Tensor? gate, int kernel_size, int num_heads, "
@@ -28,29 +36,56 @@ TORCH_LIBRARY_FRAGMENT(sgdc, m) {
 #ifdef SGDC_PYTHON_MODULE
 #include <Python.h>
 
+#include <cstdint>
 #include <string>
 
 #define SGDC_STR2(x) #x
 #define SGDC_STR(x) SGDC_STR2(x)
 
+namespace {
+
+// "2.10": the torch whose stable ABI this build targets (TORCH_TARGET_VERSION: major in the top
+// byte, minor in the next).
+std::string target_torch() {
+#ifdef TORCH_TARGET_VERSION
+  const uint64_t v = TORCH_TARGET_VERSION;
+  return std::to_string((v >> 56) & 0xff) + "." + std::to_string((v >> 48) & 0xff);
+#else
+  return "";
+#endif
+}
+
+}  // namespace
+
 // A Python module with no functions: importing it loads this library, whose static initializers
-// register the operators; it then hands them to sgdc_kernels._cuda for fakes and autograd.
+// register the operators; it then hands them to sgdc_kernels._cuda for fakes and autograd. Only
+// the limited API: module creation, string constants, an import and a call.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "window_conv CUDA kernels", -1,
                                    nullptr};
   PyObject* module = PyModule_Create(&def);
   if (module == nullptr) return nullptr;
+#ifdef SGDC_CUDA_KERNELS
   const int cuda = sgdc::cuda_impl::compiled_cuda_version();
   const std::string cuda_str = std::to_string(cuda / 1000) + "." + std::to_string(cuda % 1000 / 10);
+  const char* archs = sgdc::cuda_impl::compiled_arch_list();
+  const char* variants = sgdc::cuda_impl::compiled_variant_list();
+#else  // built without CUDA kernels: the schemas only
+  const std::string cuda_str;
+  const char* archs = "";
+  const char* variants = "";
+#endif
 #ifdef SGDC_TORCH_VERSION
   const char* torch_version = SGDC_STR(SGDC_TORCH_VERSION);
 #else
   const char* torch_version = "";
 #endif
-  if (PyModule_AddStringConstant(module, "CUDA_ARCH_LIST", sgdc::cuda_impl::compiled_arch_list()) ||
+  const std::string target = target_torch();
+  if (PyModule_AddStringConstant(module, "CUDA_ARCH_LIST", archs) ||
       PyModule_AddStringConstant(module, "CUDA_VERSION", cuda_str.c_str()) ||
       PyModule_AddStringConstant(module, "TORCH_VERSION", torch_version) ||
-      PyModule_AddStringConstant(module, "VARIANTS", sgdc::cuda_impl::compiled_variant_list())) {
+      PyModule_AddStringConstant(module, "TORCH_TARGET", target.c_str()) ||
+      PyModule_AddStringConstant(module, "VARIANTS", variants)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -1,4 +1,4 @@
-"""Loader of the compiled CUDA extension ``sgdc_kernels._C`` (sources in csrc/).
+"""Loader of the compiled extension ``sgdc_kernels._C`` (sources in csrc/).
 
 The extension defines ``sgdc::cuda_forward`` and ``sgdc::cuda_backward`` in C++ with the schemas of
 :mod:`sgdc_kernels.custom_ops`; their ``variant`` argument picks the kernels (``VARIANTS``, the
@@ -6,16 +6,20 @@ default first). Importing it calls :func:`_register` (from its module init), whi
 gives the operators their fake kernels and autograd through :func:`backends.register_ops`, once,
 with or without a GPU.
 
-An extension only loads into the torch it was compiled against (a C++ ABI). ``setup.py`` records
-that torch's version in the generated module ``sgdc_kernels._build_config`` beside it, so a
-mismatch is reported, with both versions and the fix, before the library is loaded (loading it
-would fail with an undefined-symbol error, or worse, succeed and crash later).
+The extension is written on the LibTorch stable ABI and compiled for the stable ABI of torch 2.10
+(``TORCH_TARGET``), so one build loads into every torch from that version on, whichever torch it
+was compiled against. ``setup.py`` records both versions, and whether the build holds the CUDA
+kernels, in the generated module ``sgdc_kernels._build_config`` beside it; a torch older than the
+target, or a CPU-only torch under a build with CUDA kernels, is reported with the versions and the
+fix before the library is loaded (loading it would fail with an undefined symbol, or a missing
+CUDA library of torch).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 
 import torch
 
@@ -23,10 +27,9 @@ from . import _install
 from .custom_ops import FLOATING_GPU, Backend, BackendUnavailableError, register_ops
 
 _HOW_TO_BUILD = (
-    "rebuild it against the torch you run, from the repository root on a machine with a CUDA "
-    "toolkit and a CUDA build of torch: CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e . "
-    "(or '.' for a regular install; FORCE_CUDA=1 builds even when no GPU is visible; "
-    "TORCH_CUDA_ARCH_LIST picks the GPUs)"
+    "build it from the repository root on a machine with a CUDA toolkit: CUDA_HOME=/usr/local/cuda "
+    "pip install -e . (or '.' for a regular install; FORCE_CUDA=1 builds the kernels even when no GPU "
+    "is visible, and fails loudly when they cannot be built; TORCH_CUDA_ARCH_LIST picks the GPUs)"
 )
 
 # Variants that compute sgdc_conv's configuration only (csrc/cuda/kernels.cuh, variant_runs).
@@ -43,27 +46,56 @@ def _register() -> None:
         _registered = True
 
 
+def _build_config():
+    """The module setup.py wrote beside the extension, or None when no build recorded one."""
+    try:
+        return importlib.import_module("sgdc_kernels._build_config")
+    except ImportError:
+        return None
+
+
 def built_against() -> str | None:
     """The torch version the extension was compiled against, as setup.py recorded it; None when
     no build recorded one."""
-    try:
-        config = importlib.import_module("sgdc_kernels._build_config")
-    except ImportError:
-        return None
-    return getattr(config, "TORCH_VERSION", None)
+    return getattr(_build_config(), "TORCH_VERSION", None)
+
+
+def torch_target() -> str | None:
+    """The oldest torch the extension loads into (the stable ABI it targets), e.g. ``"2.10"``; None
+    when no build recorded one."""
+    return getattr(_build_config(), "TORCH_TARGET", None)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
 
 
 def torch_mismatch() -> str | None:
-    """Why the extension cannot load into the running torch, or None when the versions match (or
-    none was recorded)."""
-    built = built_against()
-    if built is None or built == torch.__version__:
-        return None
-    return (
-        f"the compiled extension sgdc_kernels._C was built against torch {built}, but torch "
-        f"{torch.__version__} is running (a C++ extension only loads into the torch it was built "
-        f"against); {_HOW_TO_BUILD}"
-    )
+    """Why the extension cannot load into the running torch, or None when it can (the running torch
+    is at least the one it targets; or nothing was recorded)."""
+    config = _build_config()
+    built, target = getattr(config, "TORCH_VERSION", None), getattr(config, "TORCH_TARGET", None)
+    if target is not None and _major_minor(torch.__version__) < _major_minor(target):
+        return (
+            f"the compiled extension sgdc_kernels._C needs torch {target} or newer (it is built on the "
+            f"LibTorch stable ABI of torch {target}, against torch {built}), but torch {torch.__version__} "
+            f"is running; upgrade torch (pip install 'torch>={target}'), which needs no rebuild"
+        )
+    if target is None and built is not None and built != torch.__version__:
+        # a build from before the stable ABI, which loads only into the torch it was built against
+        return (
+            f"the compiled extension sgdc_kernels._C was built against torch {built}, but torch "
+            f"{torch.__version__} is running (that build only loads into the torch it was built against); "
+            f"rebuild it: {_HOW_TO_BUILD}"
+        )
+    if getattr(config, "KERNELS", False) and torch.version.cuda is None:
+        return (
+            f"the compiled extension sgdc_kernels._C holds CUDA kernels (CUDA {config.CUDA_VERSION}), "
+            f"but torch {torch.__version__} is a CPU-only build, which lacks the CUDA libraries they "
+            "link to; install a CUDA build of torch to use them"
+        )
+    return None
 
 
 def _find_extension():
@@ -73,7 +105,8 @@ def _find_extension():
 
 def _import_extension():
     """Import ``sgdc_kernels._C`` (which registers the sgdc::cuda_* operators, then calls
-    _register()); ImportError with the reason when it is missing or built for another torch."""
+    _register()); ImportError with the reason when it is missing or cannot load into the running
+    torch."""
     if _find_extension() is None:
         note = _install.shadowed_install_note()
         raise ImportError(note or "sgdc_kernels._C is not built")
@@ -85,43 +118,76 @@ def _import_extension():
 
 def build_info() -> dict | None:
     """What the extension was compiled for, e.g. ``{"archs": ["sm_80", "sm_90"], "cuda": "13.0",
-    "torch": "2.14.1", "kernel variants": ["v2", "v3", "v1"]}``; None when it is not built (or does not
-    load)."""
+    "torch": "2.14.1", "loads into": "torch 2.10 and later (stable ABI)", "kernel variants": ["v2",
+    "v3", "v1"]}`` (``torch``: the torch it was compiled against); a build without CUDA kernels has
+    ``"kernels"`` (why not) instead of archs, cuda and variants. None when it is not built (or does
+    not load)."""
     try:
         ext = _import_extension()
     except ImportError:
         return None
-    archs = []
-    for item in ext.CUDA_ARCH_LIST.split(","):
-        item = item.strip()
-        if item.isdigit():  # nvcc's __CUDA_ARCH_LIST__ writes 800 for sm_80, 1000 for sm_100
-            archs.append(f"sm_{int(item) // 10}")
-    return {
-        "archs": archs,
-        "cuda": ext.CUDA_VERSION,
-        "torch": ext.TORCH_VERSION or None,
-        "kernel variants": ext.VARIANTS.split(","),  # the default first
-    }
+    info = {}
+    if ext.VARIANTS:
+        archs = []
+        for item in ext.CUDA_ARCH_LIST.split(","):
+            item = item.strip()
+            if item.isdigit():  # nvcc's __CUDA_ARCH_LIST__ writes 800 for sm_80, 1000 for sm_100
+                archs.append(f"sm_{int(item) // 10}")
+        info.update(archs=archs, cuda=ext.CUDA_VERSION)
+    info["torch"] = ext.TORCH_VERSION or None
+    if getattr(ext, "TORCH_TARGET", ""):
+        info["loads into"] = f"torch {ext.TORCH_TARGET} and later (stable ABI)"
+    if ext.VARIANTS:
+        info["kernel variants"] = ext.VARIANTS.split(",")  # the default first
+    else:
+        info["kernels"] = f"none, the operators' schemas only ({_no_kernels_reason()})"
+    return info
+
+
+def _no_kernels_reason() -> str:
+    return getattr(_build_config(), "NO_KERNELS_REASON", None) or "no reason recorded"
+
+
+# Parts of a reason that already say what to do.
+_REMEDIES = ("pip install", "install a CUDA build of torch")
 
 
 def load_backend() -> Backend:
     try:
-        _import_extension()
+        ext = _import_extension()
     except ImportError as exc:
         reason = str(exc)
-        if "undefined symbol" in reason:  # a build without a recorded torch version
-            reason += " (the usual cause: it was built against another torch than the one running)"
-        has_remedy = _HOW_TO_BUILD in reason or _install.EDITABLE_HINT in reason
-        remedy = "" if has_remedy else f"; {_HOW_TO_BUILD}"
+        if "undefined symbol" in reason:
+            target = torch_target() or "2.10"
+            reason += (
+                " (the running torch lacks a function of the LibTorch stable ABI that the extension uses: "
+                f"it needs torch {target} or newer)"
+            )
+        elif "cannot open shared object file" in reason:
+            built = getattr(_build_config(), "CUDA_VERSION", None) or "unknown"
+            reason += (
+                f" (a library the CUDA kernels link to is missing: they were built with CUDA {built}, the "
+                f"running torch uses CUDA {torch.version.cuda or 'none: a CPU-only build'}); rebuild the "
+                "extension against the torch you run: pip install --no-build-isolation ."
+            )
+        remedy = "" if any(r in reason for r in _REMEDIES) else f"; {_HOW_TO_BUILD}"
         raise BackendUnavailableError(f"backend 'cuda' is unavailable: {reason}{remedy}") from exc
-    if not torch.cuda.is_available():
+    no_gpu = not torch.cuda.is_available()
+    if not ext.VARIANTS:
+        raise BackendUnavailableError(
+            "backend 'cuda' is unavailable: the extension sgdc_kernels._C is built without CUDA kernels "
+            f"(the operators' schemas only): {_no_kernels_reason()}"
+            + ("; no CUDA GPU is visible here either" if no_gpu else "")
+            + f"; {_HOW_TO_BUILD}"
+        )
+    if no_gpu:
         raise BackendUnavailableError(
             "backend 'cuda' is unavailable: the extension is built, but no CUDA GPU is visible "
             "(torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU, or use "
             "backend='auto', which runs the 'torch' backend on the CPU"
         )
     fwd, bwd = torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default
-    variants = tuple(build_info()["kernel variants"])
+    variants = tuple(ext.VARIANTS.split(","))
     return Backend(
         "cuda",
         fwd,

@@ -20,7 +20,7 @@ from types import ModuleType
 
 DIST = "sgdc-kernels"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-EDITABLE_HINT = "pip install --no-build-isolation -e . (from the repository root)"
+EDITABLE_HINT = "pip install -e . (from the repository root)"
 
 
 def checkout_root() -> str | None:

@@ -62,7 +62,7 @@ def na2d_av(
     d = _square("dilation", dilation)
     if any(is_causal) if isinstance(is_causal, (tuple, list)) else is_causal:
         raise ValueError("is_causal: causal neighborhoods are not supported; expected False")
-    check_int("kernel_size", K, odd=True, minimum=3)
+    check_int("kernel_size", K, odd=True, minimum=2)
     check_int("dilation", d)
     check_tensor("attn", attn, "(B, heads, H, W, kernel_size**2)")
     check_tensor("value", value, "(B, heads, H, W, D)")

@@ -159,7 +159,15 @@ def window_conv(
 
 
 def _run(backend, x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax) -> Tensor:
-    """The validated call, on the backend and variant that ``backend`` means for it."""
+    """The validated call, on the backend and variant that ``backend`` means for it.
+
+    Under ``torch.onnx.export`` the call is the `torch` backend's formulation itself, made of
+    standard operators that ONNX has (no custom operator of this package reaches the graph), with
+    the image axes symbolic, so one exported file serves every batch and image size."""
+    if torch.onnx.is_in_onnx_export():
+        from .reference import shift_forward  # the backends load on first use, this one too
+
+        return shift_forward(x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax)
     name, variant = resolve(backend, x.device.type, x.dtype, dilation, clamp, softmax)
     fmt = memory_format_of(x)
     x = x.contiguous(memory_format=fmt)

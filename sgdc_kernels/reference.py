@@ -31,23 +31,23 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def window_starts(n: int, kernel_size: int, dilation: int = 1, clamp: bool = False) -> list[int]:
-    """Image index of the first tap of each pixel's window along an axis of length ``n``.
+def window_starts(n: int, kernel_size: int, dilation: int = 1, clamp: bool = False, device=None) -> Tensor:
+    """Image index of the first tap of each pixel's window along an axis of length ``n`` (a 1-D
+    int64 tensor).
 
     Centred windows (``clamp=False``) start at ``i - (K//2)*dilation`` and may leave the image.
     Clamped windows (NATTEN's rule) stay inside: the pixels ``i = m + dilation*g`` with the same
     residue ``m`` form an undilated axis of length ``L = ceil((n - m) / dilation)`` on which the
-    window starts at ``min(max(g - K//2, 0), L - K)``; this needs ``n >= K * dilation``.
+    window starts at ``min(max(g - K//2, 0), L - K)``; this needs ``n >= K * dilation``. Tensor
+    arithmetic on ``arange(n)``, so that ``torch.export`` keeps ``n`` symbolic.
     """
     r = kernel_size // 2
+    i = torch.arange(n, device=device)
     if not clamp:
-        return [i - r * dilation for i in range(n)]
-    starts = []
-    for i in range(n):
-        m, g = i % dilation, i // dilation
-        length = -(-(n - m) // dilation)
-        starts.append(m + dilation * min(max(g - r, 0), length - kernel_size))
-    return starts
+        return i - r * dilation
+    m, g = i % dilation, i // dilation
+    length = (n - m + dilation - 1) // dilation
+    return m + dilation * torch.minimum((g - r).clamp(min=0), length - kernel_size)
 
 
 def _tap_weights(weights: Tensor, B: int, G: int, KK: int, softmax: bool, dtype: torch.dtype) -> Tensor:
@@ -85,8 +85,8 @@ def unfold_forward(
         if d == 1:
             cols = F.pad(cols, (K // 2,) * 4, mode="replicate")
         else:
-            rows = torch.tensor(window_starts(H, K, d, True), device=x.device)
-            columns = torch.tensor(window_starts(W, K, d, True), device=x.device)
+            rows = window_starts(H, K, d, True, x.device)
+            columns = window_starts(W, K, d, True, x.device)
             cols = cols.index_select(2, rows).index_select(3, columns)
     cols = cols.reshape(B, G, C // G, K * K, H * W)
     w = _tap_weights(weights, B, G, K * K, softmax, x.dtype).reshape(B, G, K * K, H * W)
@@ -108,8 +108,8 @@ class _Taps:
         self.K, self.d, self.clamp, self.H, self.W = kernel_size, dilation, clamp, H, W
         self.pad = 0 if clamp else (kernel_size // 2) * dilation
         if clamp:
-            self.rows = torch.tensor(window_starts(H, kernel_size, dilation, True), device=device)
-            self.cols = torch.tensor(window_starts(W, kernel_size, dilation, True), device=device)
+            self.rows = window_starts(H, kernel_size, dilation, True, device)
+            self.cols = window_starts(W, kernel_size, dilation, True, device)
 
     def __iter__(self):
         for u in range(self.K):

@@ -1,6 +1,6 @@
 """bench/run.py (with bench/cases.py and bench/timing.py): time-based measurements with their spread,
 aligned rows printed once, --threads, kernel variants through the backend name, the backends left
-out and why, and one clear line for a bad --backends."""
+out and why, one clear line for a bad --backends, and the figure of --plot (bench/plot.py)."""
 
 import importlib.util
 import json
@@ -206,3 +206,39 @@ def test_a_bad_shape_is_one_line(bench, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--shapes: shape 'overlock-q': expected BxCxHxWxGxK, e.g. 8x256x128x128x4x7, 'overlock' or one of" in err
     assert "overlock-t-s3-k13" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# --plot
+# ------------------------------------------------------------------------------------------------
+
+
+def test_plot_draws_time_speedup_and_roofline(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    png = tmp_path / "figs" / "bench.png"
+    data = _run(bench, tmp_path, "--backends", "unfold,torch", "--plot", str(png))
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 400
+    plot = sys.modules["plot"]  # bench/plot.py, imported by run.py
+    titles = plot.plot_results(data["results"], data["meta"], str(tmp_path / "cpu.svg"))
+    assert titles == [f"{p}: {t}" for p in ("forward", "forward + backward") for t in
+                      ("median time, ms (log scale)", "speedup over unfold")]  # fmt: skip
+    gpu_rows = [dict(r, fwd_roofline_pct=40.0, fwdbwd_roofline_pct=55.0) for r in data["results"]]
+    gpu_rows.append({"shape": SHAPE, "dtype": "float32", "layout": "nchw", "backend": "cuda", "error": "OOM"})
+    titles = plot.plot_results(gpu_rows, data["meta"], str(tmp_path / "gpu.png"))
+    assert "forward: % of roofline" in titles and "forward + backward: % of roofline" in titles
+
+
+def test_plot_without_matplotlib_is_one_line_before_measuring(bench, tmp_path, capsys, monkeypatch):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if matplotlib were not installed
+    monkeypatch.setattr(bench, "run_all", None)  # never reached
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--device", "cpu", "--out", str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1  # "<prog>: error: ...", prog being run.py from the command line
+    assert err[0].split(": error: ")[1].startswith(f"--plot {tmp_path / 'x.png'}: matplotlib is not installed")
+    assert "pip install matplotlib" in err[0]

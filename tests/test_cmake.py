@@ -1,4 +1,5 @@
-"""CMakeLists.txt builds the csrc/ sources into libsgdc_ops.so, which registers the operators.
+"""CMakeLists.txt builds the csrc/ sources into libsgdc_ops.so, which registers the operators, on
+the LibTorch stable ABI like the Python extension (no C++ symbol of c10, ATen or torch).
 
 Runs where cmake, ninja and nvcc are found (CI has them); the GPU tests of the operators are in
 test_cuda.py.
@@ -52,3 +53,8 @@ def test_cmake_builds_a_library_that_registers_the_operators(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(lib)], check=True, capture_output=True, text=True).stdout
     assert "sgdc::cuda_forward(Tensor x, Tensor weights, Tensor? gate" in out
     assert "sgdc::cuda_backward(Tensor grad_out" in out
+    if shutil.which("nm"):
+        nm = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], check=True, capture_output=True, text=True)
+        symbols = [line.split()[-1] for line in nm.stdout.splitlines() if line.strip()]
+        unstable = [s for s in symbols if s.startswith(("_ZN3c10", "_ZNK3c10", "_ZN2at", "_ZNK2at", "_ZN5torch"))]
+        assert not unstable, unstable

@@ -8,6 +8,7 @@ tensor over 2**31 elements.
 """
 
 import importlib
+import shutil
 import subprocess
 import sys
 
@@ -69,11 +70,30 @@ def test_build_info():
     from sgdc_kernels import _cuda
 
     info = _cuda.build_info()
-    assert info is not None and info["archs"], info
+    assert info is not None and info.get("archs"), info
     assert all(a.startswith("sm_") for a in info["archs"])
     assert info["cuda"].count(".") == 1
-    assert info["torch"] == torch.__version__.split("+")[0]
+    # compiled against some torch from 2.10 (the isolated build's, or the running one without
+    # isolation), for the stable ABI of 2.10, which the running torch (at least 2.10) provides
+    assert info["torch"] == _cuda.built_against().split("+")[0], info
+    assert info["loads into"] == "torch 2.10 and later (stable ABI)", info
     assert info["kernel variants"] == VARIANTS and len(VARIANTS) == len(set(VARIANTS)) >= 1
+
+
+def test_the_extension_uses_only_the_stable_abi():
+    """No C++ symbol of c10, ATen or torch is left for the dynamic linker to resolve (those change
+    from one torch to the next): only the C shim of the stable ABI, the CUDA runtime, the C/C++
+    runtime and the Python limited API. And the module is tagged abi3, for every CPython from 3.10."""
+    ext = _extension()
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm (binutils) on PATH")
+    assert ext.__file__.endswith(".abi3.so"), ext.__file__
+    out = subprocess.run([nm, "-D", "--undefined-only", ext.__file__], capture_output=True, text=True, check=True)
+    symbols = [line.split()[-1] for line in out.stdout.splitlines() if line.strip()]
+    unstable = [s for s in symbols if s.startswith(("_ZN3c10", "_ZNK3c10", "_ZN2at", "_ZNK2at", "_ZN5torch"))]
+    assert not unstable, unstable
+    assert any(s.startswith(("aoti_torch_", "torch_")) for s in symbols), symbols
 
 
 def test_extension_and_python_ops_share_the_namespace():

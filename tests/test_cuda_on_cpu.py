@@ -69,9 +69,11 @@ def harness(tmp_path_factory) -> Path:
     if not exe.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = exe.with_suffix(".tmp")
+        # The kernel headers check with the header-only STD_TORCH_CHECK; the emulation's own
+        # SGDC_CUDA_CHECK (cuda_emu.h) uses c10's TORCH_CHECK, hence -include and -lc10.
         cmd = [cxx, "-std=c++17", "-O1", "-g0", "-Wno-unknown-pragmas", f"-I{EMU}", f"-I{ROOT / 'csrc'}",
-               *(f"-I{p}" for p in includes), str(EMU / "harness.cpp"), "-o", str(tmp),
-               f"-L{libdir}", "-lc10", f"-Wl,-rpath,{libdir}"]  # fmt: skip
+               *(f"-I{p}" for p in includes), "-include", "c10/util/Exception.h", str(EMU / "harness.cpp"),
+               "-o", str(tmp), f"-L{libdir}", "-lc10", f"-Wl,-rpath,{libdir}"]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, "the kernels do not compile for the host emulation:\n" + res.stderr[-6000:]
         tmp.rename(exe)

@@ -48,7 +48,7 @@ def test_a_checkout_without_the_extension_names_the_installed_copy_and_the_fixes
     monkeypatch.setattr(_install, "installed_copy", lambda: installed)
     note = _install.shadowed_install_note()
     assert here in note and installed in note
-    assert "Run from another directory" in note and "pip install --no-build-isolation -e ." in note
+    assert "Run from another directory" in note and "pip install -e ." in note
     assert _install.describe() == f"{here} (source checkout, imported instead of the installed copy {installed})"
     # the cuda backend gives the same reason, whatever the machine has
     monkeypatch.setattr(_cuda, "_find_extension", lambda: None)
@@ -109,38 +109,103 @@ def test_the_source_tree_finds_its_triton_kernels_without_an_install():
 
 
 # ------------------------------------------------------------------------------------------------
-# An extension built against another torch
+# An extension built against another torch: on the stable ABI it loads into its target and later
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def built_against_other_torch(monkeypatch):
+def _build_config(monkeypatch, **values):
     config = types.ModuleType("sgdc_kernels._build_config")
-    config.TORCH_VERSION = "1.13.0+cu117"
+    for name, value in values.items():
+        setattr(config, name, value)
     monkeypatch.setitem(sys.modules, "sgdc_kernels._build_config", config)
+
+
+@pytest.fixture
+def running_torch_older_than_the_target(monkeypatch):
+    """An extension built against torch 2.14.1 for the stable ABI of 2.10, under a running torch
+    2.9.1 (the version string is what the loader reads)."""
+    _build_config(monkeypatch, TORCH_VERSION="2.14.1+cu130", TORCH_TARGET="2.10", CUDA_VERSION="13.0", KERNELS=True)
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
     real = _cuda._find_extension()
     # where the extension is built (CI), the real one, which must then stay unloaded
     monkeypatch.setattr(_cuda, "_find_extension", lambda: real or object())
     return real is not None
 
 
-def test_a_torch_mismatch_is_reported_before_loading(built_against_other_torch):
+def test_a_torch_older_than_the_target_is_reported_before_loading(running_torch_older_than_the_target):
     already_loaded = "sgdc_kernels._C" in sys.modules
     with pytest.raises(BackendUnavailableError) as exc:
         _cuda.load_backend()
     msg = str(exc.value)
-    assert "built against torch 1.13.0+cu117" in msg and f"torch {torch.__version__} is running" in msg
-    assert "pip install --no-build-isolation" in msg
-    if built_against_other_torch and not already_loaded:
+    assert "needs torch 2.10 or newer" in msg and "against torch 2.14.1+cu130" in msg, msg
+    assert "torch 2.9.1+cu128 is running" in msg, msg
+    assert "pip install 'torch>=2.10'" in msg, msg
+    if running_torch_older_than_the_target and not already_loaded:
         assert "sgdc_kernels._C" not in sys.modules
     assert _cuda.build_info() is None
 
 
-def test_a_matching_build_passes_the_check(monkeypatch):
-    config = types.ModuleType("sgdc_kernels._build_config")
-    config.TORCH_VERSION = torch.__version__
-    monkeypatch.setitem(sys.modules, "sgdc_kernels._build_config", config)
+@pytest.mark.parametrize("running", ["2.10.0+cu128", "2.13.0+cpu", "2.14.1", "3.0.0"])
+def test_a_build_for_the_stable_abi_passes_the_check_under_its_target_and_later(monkeypatch, running):
+    _build_config(monkeypatch, TORCH_VERSION="2.14.1+cu130", TORCH_TARGET="2.10", KERNELS=False)
+    monkeypatch.setattr(torch, "__version__", running)
     assert _cuda.torch_mismatch() is None
+
+
+def test_cuda_kernels_under_a_cpu_only_torch_are_reported_before_loading(monkeypatch):
+    _build_config(monkeypatch, TORCH_VERSION="2.14.1+cu130", TORCH_TARGET="2.10", CUDA_VERSION="13.0", KERNELS=True)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    msg = _cuda.torch_mismatch()
+    assert msg is not None and "holds CUDA kernels (CUDA 13.0)" in msg and "CPU-only build" in msg, msg
+    assert "install a CUDA build of torch" in msg
+
+
+def test_a_build_from_before_the_stable_abi_needs_its_own_torch(monkeypatch):
+    """A build that recorded no target (this package before the stable ABI) loads only into the
+    torch it was built against."""
+    _build_config(monkeypatch, TORCH_VERSION="1.13.0+cu117")
+    msg = _cuda.torch_mismatch()
+    assert msg is not None and "built against torch 1.13.0+cu117" in msg and f"torch {torch.__version__}" in msg
+    assert "pip install -e ." in msg
+    _build_config(monkeypatch, TORCH_VERSION=torch.__version__)
+    assert _cuda.torch_mismatch() is None
+
+
+def _copy_tracked(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if files.returncode != 0:
+        pytest.skip("not a git checkout: cannot copy the tracked files")
+    for rel in files.stdout.split():
+        if os.path.isfile(os.path.join(ROOT, rel)):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, rel), dest / rel)
+    return dest
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch at build time")
+def test_a_toolkit_of_another_cuda_major_builds_the_schemas_only_and_says_why(tmp_path):
+    """What pip's isolated build does where its torch is built for another CUDA major than the
+    local toolkit: one line saying so, the schemas only (recorded for the loader), and a loud
+    failure with FORCE_CUDA=1. setup.py decides when it is loaded, so `setup.py --version` shows it."""
+    checkout = _copy_tracked(tmp_path / "checkout")
+    other = 12 if int(torch.version.cuda.split(".")[0]) != 12 else 13
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}.0, V{other}.0.1'\n")
+    nvcc.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "SGDC_SKIP_CUDA_BUILD")}
+    env["CUDA_HOME"] = str(tmp_path / "cuda")
+    setup = [sys.executable, "setup.py", "--version"]
+    res = subprocess.run(setup, cwd=checkout, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [line for line in res.stderr.splitlines() if line.startswith("sgdc-kernels:")]
+    assert len(said) == 1, said
+    assert "without CUDA kernels" in said[0] and f"is CUDA {other}.0, another major version" in said[0], said
+    assert f"built for CUDA {torch.version.cuda}" in said[0] and "pip install --no-build-isolation ." in said[0]
+    config = (checkout / "sgdc_kernels" / "_build_config.py").read_text()
+    assert "KERNELS = False" in config and "TORCH_TARGET = '2.10'" in config, config
+    res = subprocess.run(setup, cwd=checkout, env={**env, "FORCE_CUDA": "1"}, capture_output=True, text=True)
+    assert res.returncode != 0 and "FORCE_CUDA=1 but the CUDA kernels cannot be built" in res.stderr, res.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,10 +234,11 @@ def test_using_the_package_prints_nothing_to_stderr():
 
 
 def test_a_regular_install_then_a_run_from_the_checkout_says_the_source_tree_shadows_it(tmp_path):
-    """The README's regular install, as a user runs it: `pip install --no-build-isolation .` in a
-    checkout (which leaves sgdc_kernels.egg-info there), then `python -m sgdc_kernels.info` from
-    the repository root. The build metadata in the checkout is not an install: info names the
-    installed copy and, where that copy has the extension and the checkout does not, the note."""
+    """The README's regular install, as a user runs it: `pip install .` in a checkout (which leaves
+    sgdc_kernels.egg-info there; here without build isolation and without the extension, which
+    installs the same files offline), then `python -m sgdc_kernels.info` from the repository root.
+    The build metadata in the checkout is not an install: info names the installed copy and, where
+    that copy has the extension and the checkout does not, the note."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if files.returncode != 0:
         pytest.skip("not a git checkout: cannot copy the tracked files")

@@ -1,31 +1,83 @@
-// ATen side of the sgdc::cuda_* operators: the checks that protect memory (sgdc_kernels.ops
-// validates every user-facing argument first), dtype/layout dispatch. The kernels and their
-// launch code are in kernels.cuh.
+// The torch side of the sgdc::cuda_* operators, on the LibTorch stable ABI (torch/csrc/stable and
+// the header-only torch/headeronly; built with TORCH_TARGET_VERSION = torch 2.10, so one build
+// loads into every torch from 2.10 on): the checks that protect memory (sgdc_kernels.ops validates
+// every user-facing argument first), dtype/layout dispatch, the device guard and the current CUDA
+// stream. The kernels and their launch code are in kernels.cuh. (The file keeps the name it had
+// when this side was written on ATen; the documentation cites it by that name.)
 #pragma once
 
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
 
+#include <cstdint>
 #include <optional>
+#include <string>
+#include <type_traits>
 
 #include "kernels.cuh"
 
 namespace sgdc {
 namespace cuda_impl {
 
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
 template <typename T>
-const T* ptr(const at::Tensor& t) {
+const T* ptr(const Tensor& t) {
   return reinterpret_cast<const T*>(t.const_data_ptr());
 }
 template <typename T>
-T* mut_ptr(const at::Tensor& t) {
+T* mut_ptr(const Tensor& t) {
   return reinterpret_cast<T*>(t.mutable_data_ptr());
 }
 
-// Calls fn(T{}, std::bool_constant<CL>{}) with T the scalar type (float, c10::Half, c10::BFloat16).
+// "cuda:1", "cpu": where t lives, for messages.
+inline std::string device_str(const Tensor& t) {
+  if (t.is_cuda()) return "cuda:" + std::to_string(t.get_device_index());
+  if (t.is_cpu()) return "cpu";
+  return "a device of type " + std::to_string(static_cast<int>(t.device().type()));
+}
+
+// "[2, 8, 5, 6]": the sizes of t, for messages.
+inline std::string sizes_str(const Tensor& t) {
+  std::string s = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + "]";
+}
+
+inline bool same_sizes(const Tensor& a, const Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) != b.size(d)) return false;
+  return true;
+}
+
+// Whether the 4-D tensor t is dense in NCHW order (channels_last false) or NHWC order: the rule of
+// torch's is_contiguous(memory_format) (dimensions of size 1 take any stride; an empty tensor is
+// dense), on sizes and strides, which is all the stable ABI exposes.
+inline bool dense(const Tensor& t, bool channels_last) {
+  static constexpr int kNCHW[4] = {3, 2, 1, 0};  // innermost first
+  static constexpr int kNHWC[4] = {1, 3, 2, 0};
+  if (t.numel() == 0) return true;
+  int64_t expected = 1;
+  for (const int d : channels_last ? kNHWC : kNCHW) {
+    const int64_t size = t.size(d);
+    if (size == 1) continue;
+    if (t.stride(d) != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// Calls fn(T{}, std::bool_constant<CL>{}) with T the scalar type (float, c10::Half, c10::BFloat16:
+// the header-only types, which the kernels are written for).
 template <typename Fn>
-void dispatch(at::ScalarType dtype, bool channels_last, Fn&& fn) {
+void dispatch(ScalarType dtype, bool channels_last, Fn&& fn) {
   auto with_layout = [&](auto tag) {
     if (channels_last)
       fn(tag, std::true_type{});
@@ -33,62 +85,72 @@ void dispatch(at::ScalarType dtype, bool channels_last, Fn&& fn) {
       fn(tag, std::false_type{});
   };
   switch (dtype) {
-    case at::kFloat: return with_layout(float{});
-    case at::kHalf: return with_layout(c10::Half{});
-    case at::kBFloat16: return with_layout(c10::BFloat16{});
-    default: TORCH_CHECK(false, "sgdc::cuda: unsupported dtype ", dtype);
+    case ScalarType::Float: return with_layout(float{});
+    case ScalarType::Half: return with_layout(c10::Half{});
+    case ScalarType::BFloat16: return with_layout(c10::BFloat16{});
+    default: STD_TORCH_CHECK(false, "sgdc::cuda: unsupported dtype ", dtype);
   }
 }
 
-inline void check_operand(const char* op, const char* name, const at::Tensor& t,
-                          const at::Tensor& x, at::MemoryFormat fmt) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but x has ", x.scalar_type());
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.is_contiguous(fmt), op, ": ", name, " must be dense in x's memory format (",
-              fmt, "); call sgdc_kernels.window_conv, which arranges this");
+// The current CUDA stream of device `device` (torch's, so the kernels run in order with the
+// caller's work): the C shim of the stable ABI.
+inline cudaStream_t current_stream(int32_t device) {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
+                  "sgdc::cuda: cannot get the current CUDA stream of device ", device);
+  return static_cast<cudaStream_t>(stream);
+}
+
+inline void check_operand(const char* op, const char* name, const Tensor& t, const Tensor& x,
+                          bool channels_last) {
+  STD_TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", device_str(t));
+  STD_TORCH_CHECK(t.get_device_index() == x.get_device_index(), op, ": ", name, " is on ",
+                  device_str(t), " but x is on ", device_str(x));
+  STD_TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                  " but x has ", x.scalar_type());
+  STD_TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D, got ", t.dim(), "-D");
+  STD_TORCH_CHECK(dense(t, channels_last), op, ": ", name, " must be dense in x's memory format (",
+                  channels_last ? "ChannelsLast" : "Contiguous",
+                  "); call sgdc_kernels.window_conv, which arranges this");
 }
 
 // Checks what the kernels' indexing relies on (devices, dtypes, dense layouts, shapes, a window
 // that fits a clamped image) and returns whether the operands are channels_last.
-inline bool check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weights,
-                         const std::optional<at::Tensor>& gate, int64_t K, int64_t G, int64_t d,
+inline bool check_inputs(const char* op, const Tensor& x, const Tensor& weights,
+                         const std::optional<Tensor>& gate, int64_t K, int64_t G, int64_t d,
                          bool clamp) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D (B, C, H, W) tensor, got ", x.dim(), "-D");
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": x must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(K >= 1 && K % 2 == 1, op, ": kernel_size must be a positive odd int, got ", K);
-  TORCH_CHECK(G >= 1, op, ": num_heads must be positive, got ", G);
-  TORCH_CHECK(d >= 1 && d < INT_MAX, op, ": dilation must be a positive int, got ", d);
+  STD_TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got device ", device_str(x));
+  STD_TORCH_CHECK(x.dim() == 4, op, ": x must be a 4-D (B, C, H, W) tensor, got ", x.dim(), "-D");
+  const ScalarType dt = x.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::Float || dt == ScalarType::Half || dt == ScalarType::BFloat16, op,
+                  ": x must be float32, float16 or bfloat16, got ", dt);
+  STD_TORCH_CHECK(K >= 1 && K % 2 == 1, op, ": kernel_size must be a positive odd int, got ", K);
+  STD_TORCH_CHECK(G >= 1, op, ": num_heads must be positive, got ", G);
+  STD_TORCH_CHECK(d >= 1 && d < INT_MAX, op, ": dilation must be a positive int, got ", d);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(!clamp || (H >= K * d && W >= K * d), op,
-              ": clamped windows need H and W of at least kernel_size * dilation = ", K * d,
-              ", got H=", H, ", W=", W);
-  TORCH_CHECK(C % G == 0 && C >= G, op, ": x's channel count ", C,
-              " must be a positive multiple of num_heads=", G);
-  TORCH_CHECK(H < INT_MAX && W < INT_MAX, op, ": H and W must be below 2^31");
-  const bool cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  TORCH_CHECK(x.is_contiguous(fmt), op,
-              ": x must be contiguous or channels_last; call sgdc_kernels.window_conv, which arranges this");
-  check_operand(op, "weights", weights, x, fmt);
-  TORCH_CHECK(weights.sizes() == at::IntArrayRef({B, G * K * K, H, W}), op,
-              ": weights must have shape (B, num_heads*kernel_size^2, H, W) = (", B, ", ", G * K * K,
-              ", ", H, ", ", W, "), got ", weights.sizes());
+  STD_TORCH_CHECK(!clamp || (H >= K * d && W >= K * d), op,
+                  ": clamped windows need H and W of at least kernel_size * dilation = ", K * d,
+                  ", got H=", H, ", W=", W);
+  STD_TORCH_CHECK(C % G == 0 && C >= G, op, ": x's channel count ", C,
+                  " must be a positive multiple of num_heads=", G);
+  STD_TORCH_CHECK(H < INT_MAX && W < INT_MAX, op, ": H and W must be below 2^31");
+  const bool cl = !dense(x, false) && dense(x, true);
+  STD_TORCH_CHECK(dense(x, cl), op,
+                  ": x must be contiguous or channels_last; call sgdc_kernels.window_conv, which arranges this");
+  check_operand(op, "weights", weights, x, cl);
+  STD_TORCH_CHECK(weights.size(0) == B && weights.size(1) == G * K * K && weights.size(2) == H &&
+                      weights.size(3) == W,
+                  op, ": weights must have shape (B, num_heads*kernel_size^2, H, W) = [", B, ", ",
+                  G * K * K, ", ", H, ", ", W, "], got ", sizes_str(weights));
   if (gate.has_value()) {
-    check_operand(op, "gate", *gate, x, fmt);
-    TORCH_CHECK(gate->sizes() == x.sizes(), op, ": gate must have x's shape ", x.sizes(), ", got ",
-                gate->sizes());
+    check_operand(op, "gate", *gate, x, cl);
+    STD_TORCH_CHECK(same_sizes(*gate, x), op, ": gate must have x's shape ", sizes_str(x),
+                    ", got ", sizes_str(*gate));
   }
   return cl;
 }
 
-inline Shape shape_of(const at::Tensor& x, int64_t K, int64_t G, int64_t d, bool clamp, bool softmax) {
+inline Shape shape_of(const Tensor& x, int64_t K, int64_t G, int64_t d, bool clamp, bool softmax) {
   return Shape{x.size(0),          x.size(1),          static_cast<int>(x.size(2)),
                static_cast<int>(x.size(3)), static_cast<int>(G), static_cast<int>(K),
                static_cast<int>(d), clamp,              softmax};

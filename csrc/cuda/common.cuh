@@ -7,9 +7,9 @@
 // (a pointer that counts stores). Everything below the #ifndef is the real GPU build.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Exception.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <climits>
 #include <cstddef>
@@ -17,8 +17,13 @@
 #include <type_traits>
 
 #ifndef SGDC_HOST_EMULATION
-#include <c10/cuda/CUDAException.h>
-#define SGDC_CUDA_CHECK(expr) C10_CUDA_CHECK(expr)
+// A failed CUDA runtime call raises, with the runtime's message and the call.
+#define SGDC_CUDA_CHECK(expr)                                                               \
+  do {                                                                                      \
+    const cudaError_t sgdc_err_ = (expr);                                                   \
+    STD_TORCH_CHECK(sgdc_err_ == cudaSuccess, "CUDA error: ", cudaGetErrorString(sgdc_err_), \
+                    " (", #expr, ")");                                                      \
+  } while (0)
 #endif
 
 namespace sgdc {
@@ -250,8 +255,8 @@ int64_t set_tiles(Params<T>& p, int TH, int TW) {
   const int64_t tiles_g = static_cast<int64_t>(ceil_div(ceil_div(p.H, p.d), TH)) * p.tiles_w;
   const int64_t tiles = tiles_g * p.d * p.d;
   const int64_t blocks = p.B * p.G * tiles;
-  TORCH_CHECK(tiles <= INT_MAX && blocks <= INT_MAX,
-              "sgdc::cuda: the input is too large for one launch (", blocks, " blocks)");
+  STD_TORCH_CHECK(tiles <= INT_MAX && blocks <= INT_MAX,
+                  "sgdc::cuda: the input is too large for one launch (", blocks, " blocks)");
   p.tiles_g = static_cast<int>(tiles_g);
   p.tiles = static_cast<int>(tiles);
   return blocks;
@@ -268,9 +273,9 @@ void launch_kernel(void (*kernel)(P), int64_t blocks, int threads, size_t smem, 
     SGDC_CUDA_CHECK(
         cudaDeviceGetAttribute(&optin_int, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     const size_t optin = static_cast<size_t>(optin_int);
-    TORCH_CHECK(smem <= optin, "sgdc::cuda: kernel_size=", K, " needs ", smem,
-                " bytes of shared memory per block, more than this GPU allows (", optin,
-                "); use a smaller kernel_size or backend='torch'");
+    STD_TORCH_CHECK(smem <= optin, "sgdc::cuda: kernel_size=", K, " needs ", smem,
+                    " bytes of shared memory per block, more than this GPU allows (", optin,
+                    "); use a smaller kernel_size or backend='torch'");
     SGDC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem)));
   }

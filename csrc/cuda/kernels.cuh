@@ -1,5 +1,5 @@
 // Host entry points of the window_conv kernels on raw pointers: the forward, and the backward's two
-// passes (weights, then input), for each kernel variant. The ATen operators (window_conv_forward.cu,
+// passes (weights, then input), for each kernel variant. The operators (window_conv_forward.cu,
 // window_conv_backward.cu) check the tensors and call these; tests/cuda_emu/ calls the very same
 // functions on the host.
 #pragma once
@@ -36,8 +36,8 @@ inline Variant parse_variant(const std::string& name) {
   if (name.empty()) return static_cast<Variant>(0);
   for (int v = 0; v < kNumVariants; ++v)
     if (name == kVariantNames[v]) return static_cast<Variant>(v);
-  TORCH_CHECK(false, "variant: '", name, "' is not a kernel variant of the cuda backend; expected one of ",
-              variant_list());
+  STD_TORCH_CHECK(false, "variant: '", name, "' is not a kernel variant of the cuda backend; expected one of ",
+                  variant_list());
 }
 
 // Sizes and configuration of one call: x is (B, C, H, W), G heads, window K, dilation d, clamped
@@ -73,9 +73,9 @@ inline bool variant_runs(Variant variant, const Shape& s) {
 }
 
 inline void check_variant(Variant variant, const Shape& s) {
-  TORCH_CHECK(variant_runs(variant, s), "variant: ", kVariantNames[static_cast<int>(variant)],
-              " runs only sgdc_conv's configuration (dilation 1, zero border, softmax); got dilation ", s.d,
-              s.clamp ? ", clamped windows" : "", s.softmax ? "" : ", raw weights", "; use v2");
+  STD_TORCH_CHECK(variant_runs(variant, s), "variant: ", kVariantNames[static_cast<int>(variant)],
+                  " runs only sgdc_conv's configuration (dilation 1, zero border, softmax); got dilation ", s.d,
+                  s.clamp ? ", clamped windows" : "", s.softmax ? "" : ", raw weights", "; use v2");
 }
 
 template <Mode M, typename T, bool CL>

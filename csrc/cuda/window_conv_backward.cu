@@ -1,10 +1,13 @@
-// CUDA implementation of sgdc::cuda_backward (schema in csrc/window_conv.cpp): two gather passes,
-// the weight gradients (dweights, dgate and the softmax statistics) then dx.
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
+// CUDA implementation of sgdc::cuda_backward (schema in csrc/window_conv.cpp), on the LibTorch
+// stable ABI: two gather passes, the weight gradients (dweights, dgate and the softmax statistics)
+// then dx.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
+#include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "aten_utils.cuh"
 
@@ -13,39 +16,39 @@ namespace {
 
 using namespace cuda_impl;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weights,
-    const std::optional<at::Tensor>& gate, int64_t kernel_size, int64_t num_heads, int64_t dilation,
-    bool clamp, bool softmax, c10::string_view variant_name) {
+std::tuple<Tensor, Tensor, Tensor> cuda_backward(const Tensor& grad_out, const Tensor& x,
+                                                 const Tensor& weights, const std::optional<Tensor>& gate,
+                                                 int64_t kernel_size, int64_t num_heads, int64_t dilation,
+                                                 bool clamp, bool softmax, const std::string& variant_name) {
   const char* op = "sgdc::cuda_backward";
   const bool cl = check_inputs(op, x, weights, gate, kernel_size, num_heads, dilation, clamp);
-  check_operand(op, "grad_out", grad_out, x,
-                cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have x's shape ", x.sizes(),
-              ", got ", grad_out.sizes());
-  const Variant variant = parse_variant(std::string(variant_name));
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dweights = at::empty_like(weights);
-  at::Tensor dgate = gate.has_value() ? at::empty_like(*gate) : at::empty({0}, x.options());
+  check_operand(op, "grad_out", grad_out, x, cl);
+  STD_TORCH_CHECK(same_sizes(grad_out, x), op, ": grad_out must have x's shape ", sizes_str(x), ", got ",
+                  sizes_str(grad_out));
+  const Variant variant = parse_variant(variant_name);
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  Tensor dx = torch::stable::empty_like(x);
+  Tensor dweights = torch::stable::empty_like(weights);
+  Tensor dgate = gate.has_value() ? torch::stable::empty_like(*gate)
+                                  : torch::stable::new_empty(x, std::vector<int64_t>{0});
   if (x.numel() == 0) return {dx, dweights, dgate};
   const Shape shape = shape_of(x, kernel_size, num_heads, dilation, clamp, softmax);
   // Softmax statistics (max, 1/sum) per (b, head, pixel): 8 bytes per pixel and head.
-  at::Tensor stats = at::empty({static_cast<int64_t>(backward_workspace_bytes(shape))},
-                               x.options().dtype(at::kByte));
+  Tensor stats = torch::stable::new_empty(
+      x, std::vector<int64_t>{static_cast<int64_t>(backward_workspace_bytes(shape))}, ScalarType::Byte);
   dispatch(x.scalar_type(), cl, [&](auto tag, auto layout) {
     using T = decltype(tag);
     run_backward<T, decltype(layout)::value>(
         variant, shape, ptr<T>(grad_out), ptr<T>(x), ptr<T>(weights),
         gate.has_value() ? ptr<T>(*gate) : nullptr, mut_ptr<T>(dx), mut_ptr<T>(dweights),
         gate.has_value() ? mut_ptr<T>(dgate) : nullptr,
-        reinterpret_cast<float2*>(stats.mutable_data_ptr()), c10::cuda::getCurrentCUDAStream());
+        reinterpret_cast<float2*>(stats.mutable_data_ptr()), current_stream(x.get_device_index()));
   });
   return {dx, dweights, dgate};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sgdc, CUDA, m) { m.impl("cuda_backward", &cuda_backward); }
+STABLE_TORCH_LIBRARY_IMPL(sgdc, CUDA, m) { m.impl("cuda_backward", TORCH_BOX(&cuda_backward)); }
 
 }  // namespace sgdc

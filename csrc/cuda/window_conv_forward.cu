@@ -1,6 +1,10 @@
-// CUDA implementation of sgdc::cuda_forward (schema in csrc/window_conv.cpp).
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
+// CUDA implementation of sgdc::cuda_forward (schema in csrc/window_conv.cpp), on the LibTorch
+// stable ABI.
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+
+#include <optional>
+#include <string>
 
 #include "aten_utils.cuh"
 
@@ -9,15 +13,14 @@ namespace {
 
 using namespace cuda_impl;
 
-at::Tensor cuda_forward(const at::Tensor& x, const at::Tensor& weights,
-                        const std::optional<at::Tensor>& gate, int64_t kernel_size,
-                        int64_t num_heads, int64_t dilation, bool clamp, bool softmax,
-                        c10::string_view variant_name) {
+Tensor cuda_forward(const Tensor& x, const Tensor& weights, const std::optional<Tensor>& gate,
+                    int64_t kernel_size, int64_t num_heads, int64_t dilation, bool clamp, bool softmax,
+                    const std::string& variant_name) {
   const bool cl =
       check_inputs("sgdc::cuda_forward", x, weights, gate, kernel_size, num_heads, dilation, clamp);
-  const Variant variant = parse_variant(std::string(variant_name));
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x);
+  const Variant variant = parse_variant(variant_name);
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  Tensor out = torch::stable::empty_like(x);
   if (out.numel() == 0) return out;
   dispatch(x.scalar_type(), cl, [&](auto tag, auto layout) {
     using T = decltype(tag);
@@ -25,14 +28,14 @@ at::Tensor cuda_forward(const at::Tensor& x, const at::Tensor& weights,
                                             shape_of(x, kernel_size, num_heads, dilation, clamp, softmax),
                                             ptr<T>(x),
                                             ptr<T>(weights), gate.has_value() ? ptr<T>(*gate) : nullptr,
-                                            mut_ptr<T>(out), c10::cuda::getCurrentCUDAStream());
+                                            mut_ptr<T>(out), current_stream(x.get_device_index()));
   });
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sgdc, CUDA, m) { m.impl("cuda_forward", &cuda_forward); }
+STABLE_TORCH_LIBRARY_IMPL(sgdc, CUDA, m) { m.impl("cuda_forward", TORCH_BOX(&cuda_forward)); }
 
 }  // namespace sgdc
 

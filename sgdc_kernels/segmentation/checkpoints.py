@@ -2,10 +2,12 @@
 
 ``last.pt`` (and ``epoch_NNN.pt`` with ``--save-every``) hold the whole training state: model,
 optimizer, scheduler, grad scaler, epochs done, best Dice, metric history, every rank's RNG states
-(torch, Python, NumPy and CUDA), the model flags (``model_config``) and all flags (``args``).
-Restoring one before the first batch replays the following epochs exactly. ``best.pt`` holds the
-weights of the best epoch only, for inference. Every file is written under a temporary name and
-then renamed over the old one, so an interrupted write leaves the previous file whole.
+(torch, Python, NumPy and CUDA), the model flags (``model_config``), all flags (``args``) and the
+version of sgdc-kernels that wrote it (``version``). Restoring one before the first batch replays
+the following epochs exactly. ``best.pt`` holds the weights of the best epoch only, for inference
+(``sgdc-predict``), with that epoch's metrics, the model flags, all flags and the version. Every
+file is written under a temporary name and then renamed over the old one, so an interrupted write
+leaves the previous file whole.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .._version import __version__
 
 # The flags that define the model: a checkpoint continues only under the same values.
 MODEL_ARGS = ("backbone", "dim", "depth", "guide_ch", "num_heads", "kernel_size", "drop_path", "ls_init")
@@ -80,18 +84,20 @@ def training_state(
         "history": history,
         "rng": rng,
         "model_config": {k: getattr(args, k) for k in MODEL_ARGS},
-        "args": vars(args),
+        "args": dict(vars(args)),
+        "version": __version__,
     }
 
 
 def save_checkpoints(out_dir: Path, state: dict, metrics: dict, is_best: bool, save_every: int) -> None:
-    """Write ``state`` (a training_state()) to ``last.pt``; the weights alone, with ``metrics``, to
-    ``best.pt`` if ``is_best``; and ``state`` to ``epoch_NNN.pt`` every ``save_every`` epochs (0:
-    never)."""
+    """Write ``state`` (a training_state()) to ``last.pt``; the weights, with ``metrics``, the flags
+    and the version (no optimizer, scheduler or RNG state), to ``best.pt`` if ``is_best``; and
+    ``state`` to ``epoch_NNN.pt`` every ``save_every`` epochs (0: never)."""
     epoch = state["epoch"]
     save_atomic(state, out_dir / "last.pt")
     if is_best:
-        best = {"model": state["model"], "model_config": state["model_config"], "epoch": epoch, "metrics": metrics}
+        best = {k: state[k] for k in ("model", "model_config", "args", "version")}
+        best.update(epoch=epoch, metrics=metrics)
         save_atomic(best, out_dir / "best.pt")  # weights only: for inference, not for resuming
     if save_every and epoch % save_every == 0:
         save_atomic(state, out_dir / f"epoch_{epoch:03d}.pt")

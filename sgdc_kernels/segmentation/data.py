@@ -1,8 +1,9 @@
 """Datasets for SGD-Net: skin-lesion folders (ISIC, PH2) and a built-in synthetic lesion set.
 
 Every dataset yields ``(image, mask)``: image float32 (3, S, S), ImageNet-normalized; mask float32
-(1, S, S) in {0, 1}. Images are read with Pillow; augmentation and normalization are
-torchvision.transforms.v2.
+(1, S, S) in {0, 1}. Images are read with Pillow (``read_image``, ``read_mask``: 8 bits, 16-bit
+images scaled) and resized by ``image_tensor`` and ``mask_tensor``, which sgdc-predict uses too;
+augmentation and normalization are torchvision.transforms.v2.
 """
 
 from __future__ import annotations
@@ -146,11 +147,15 @@ class SyntheticLesions(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def raw(self, index: int) -> tuple[Tensor, Tensor]:
+        """Item ``index`` before augmentation and normalization: image in [0, 1] (3, S, S), mask."""
         if not 0 <= index < self.length:
             raise IndexError(index)
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.offset + index) % (2**63))
-        image, mask = synthetic_lesion(self.image_size, g)
+        return synthetic_lesion(self.image_size, g)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, mask = self.raw(index)
         if self.train:
             image, mask = augment(image, mask)
         return normalize(image), mask
@@ -161,17 +166,11 @@ class SyntheticLesions(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-def find_pairs(root: str | os.PathLike) -> list[tuple[Path, Path]]:
-    """(image, mask) pairs under ``root``, matched by stem, sorted by stem.
-
-    Recognised (any nesting):
-    - ISIC 2016-2018: ``ISIC_0000000.jpg`` with ``ISIC_0000000_segmentation.png`` (or
-      ``_Segmentation.png``), in the same or separate folders;
-    - PH2: ``IMD002/IMD002_Dermoscopic_Image/IMD002.bmp`` with ``IMD002/IMD002_lesion/IMD002_lesion.bmp``;
-    - generic: ``images/x.png`` with ``masks/x.png`` (a mask folder named mask*, *groundtruth*,
-      label*, annotation*), or ``x.png`` with ``x_mask.png``.
-    Images without a mask are skipped; keys with two images or two masks raise.
-    """
+def scan_folder(root: str | os.PathLike) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The image files under ``root`` (any nesting), as ({key: image}, {key: mask}): a file is a
+    mask if its stem ends in a mask suffix (its key is the rest of the stem) or if it lies under a
+    mask folder (its key is its stem); every other file is an image, keyed by its stem. See
+    :func:`find_pairs` for the layouts; two images or two masks with one key raise ValueError."""
     root = Path(root)
     images: dict[str, Path] = {}
     masks: dict[str, Path] = {}
@@ -189,19 +188,86 @@ def find_pairs(root: str | os.PathLike) -> list[tuple[Path, Path]]:
         if key in table:
             raise ValueError(f"data: two files for {key!r}: {table[key]} and {path}")
         table[key] = path
+    return images, masks
+
+
+def find_pairs(root: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs under ``root``, matched by stem, sorted by stem.
+
+    Recognised (any nesting):
+    - ISIC 2016-2018: ``ISIC_0000000.jpg`` with ``ISIC_0000000_segmentation.png`` (or
+      ``_Segmentation.png``), in the same or separate folders;
+    - PH2: ``IMD002/IMD002_Dermoscopic_Image/IMD002.bmp`` with ``IMD002/IMD002_lesion/IMD002_lesion.bmp``;
+    - generic: ``images/x.png`` with ``masks/x.png`` (a mask folder named mask*, *groundtruth*,
+      label*, annotation*), or ``x.png`` with ``x_mask.png``.
+    Images without a mask are skipped; keys with two images or two masks raise.
+    """
+    images, masks = scan_folder(root)
     return [(images[k], masks[k]) for k in sorted(images) if k in masks]
 
 
-def _load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[Tensor, Tensor]:
+# Pillow modes of more than 8 bits per pixel, which convert("RGB") and convert("L") clip at 255
+# instead of scaling: 16-bit grayscale (PNG, TIFF), 32-bit integers, 32-bit floats.
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _to_8bit(im):
+    """An image of a mode in _WIDE_MODES as 8-bit grayscale ("L"): integers scaled from the 16-bit
+    range (values above 65535 clip), floats from [0, 1] if none exceeds 1, else from the 16-bit
+    range."""
+    import numpy as np
     from PIL import Image
 
-    with Image.open(image_path) as im:
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-        image = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    with Image.open(mask_path) as mk:
-        mk = mk.convert("L").resize((size, size), Image.NEAREST)
-        mask = torch.frombuffer(bytearray(mk.tobytes()), dtype=torch.uint8).view(1, size, size)
-    return image.permute(2, 0, 1).float() / 255.0, (mask > 127).float()
+    a = np.asarray(im, dtype=np.float64)
+    full = 1.0 if im.mode == "F" and a.size and np.nanmax(a) <= 1.0 else 65535.0
+    a = np.nan_to_num(a) * (255.0 / full)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def read_image(path: str | os.PathLike):
+    """The image file at ``path`` as an 8-bit RGB Pillow image: grayscale and palette images are
+    expanded, an alpha channel is dropped, 16-bit and float images are scaled to 8 bits."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in _WIDE_MODES:
+            im = _to_8bit(im)
+        return im.convert("RGB")
+
+
+def read_mask(path: str | os.PathLike):
+    """The mask file at ``path`` as an 8-bit grayscale Pillow image (16-bit masks scaled to 8 bits);
+    a pixel > 127 is lesion."""
+    from PIL import Image
+
+    with Image.open(path) as mk:
+        mk.load()
+        if mk.mode in _WIDE_MODES:
+            return _to_8bit(mk)
+        return mk.convert("L")
+
+
+def image_tensor(im, size: int) -> Tensor:
+    """An 8-bit RGB Pillow image resized (bilinear) to size x size: float32 (3, size, size) in [0, 1]."""
+    from PIL import Image
+
+    im = im.resize((size, size), Image.BILINEAR)
+    image = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return image.permute(2, 0, 1).float() / 255.0
+
+
+def mask_tensor(mk, size: int) -> Tensor:
+    """An 8-bit grayscale Pillow mask resized (nearest) to size x size: float32 (1, size, size) in {0, 1}."""
+    from PIL import Image
+
+    mk = mk.resize((size, size), Image.NEAREST)
+    mask = torch.frombuffer(bytearray(mk.tobytes()), dtype=torch.uint8).view(1, size, size)
+    return (mask > 127).float()
+
+
+def _load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[Tensor, Tensor]:
+    return image_tensor(read_image(image_path), size), mask_tensor(read_mask(mask_path), size)
 
 
 class LesionFolder(Dataset):
@@ -229,28 +295,28 @@ def _split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
-def build_datasets(
-    data: str,
-    image_size: int = 256,
-    seed: int = 0,
-    num_train: int = 512,
-    num_val: int = 64,
-    val_fraction: float = 0.2,
-) -> tuple[Dataset, Dataset]:
-    """(train, val) datasets for ``--data``: "synthetic" (num_train + num_val generated images),
-    or a folder. A folder with train/ and val/ (or validation/, test/) subfolders uses them;
-    otherwise its pairs are split by a seeded permutation, val_fraction of them for validation."""
-    if data == "synthetic":
-        return (
-            SyntheticLesions(num_train, image_size, seed, offset=0, train=True),
-            SyntheticLesions(num_val, image_size, seed, offset=num_train, train=False),
-        )
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data: expected 'synthetic' or a folder, got {data!r} (not a folder)")
+def split_folders(root: str | os.PathLike) -> dict[str, Path] | None:
+    """{"train": folder, "val": folder} where ``root`` has both a train/ and a val/ (or
+    validation/, test/) subfolder; None where it has not (its pairs are then split by
+    :func:`split_pairs`)."""
+    root = Path(root)
     train_dir, val_dir = _split_dir(root, "train"), _split_dir(root, "val")
-    if train_dir is not None and val_dir is not None:
-        train_pairs, val_pairs = find_pairs(train_dir), find_pairs(val_dir)
+    if train_dir is None or val_dir is None:
+        return None
+    return {"train": train_dir, "val": val_dir}
+
+
+def split_pairs(
+    root: str | os.PathLike, seed: int = 0, val_fraction: float = 0.2
+) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+    """The (train, val) image/mask pairs of a folder, as ``sgdc-train --data`` splits them: the
+    pairs of its train/ and val/ subfolders where it has both, otherwise its pairs split by a
+    seeded permutation, val_fraction of them (at least 1, not all) for validation. Raises
+    ValueError where either split is empty."""
+    root = Path(root)
+    folders = split_folders(root)
+    if folders is not None:
+        train_pairs, val_pairs = find_pairs(folders["train"]), find_pairs(folders["val"])
     else:
         pairs = find_pairs(root)
         if len(pairs) < 2:
@@ -264,4 +330,26 @@ def build_datasets(
             raise ValueError(
                 f"--data: no {name} image/mask pairs found under {root} (see sgdc_kernels.segmentation.data.find_pairs)"
             )
+    return train_pairs, val_pairs
+
+
+def build_datasets(
+    data: str,
+    image_size: int = 256,
+    seed: int = 0,
+    num_train: int = 512,
+    num_val: int = 64,
+    val_fraction: float = 0.2,
+) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets for ``--data``: "synthetic" (num_train + num_val generated images),
+    or a folder, split by :func:`split_pairs`."""
+    if data == "synthetic":
+        return (
+            SyntheticLesions(num_train, image_size, seed, offset=0, train=True),
+            SyntheticLesions(num_val, image_size, seed, offset=num_train, train=False),
+        )
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data: expected 'synthetic' or a folder, got {data!r} (not a folder)")
+    train_pairs, val_pairs = split_pairs(root, seed, val_fraction)
     return LesionFolder(train_pairs, image_size, train=True), LesionFolder(val_pairs, image_size, train=False)

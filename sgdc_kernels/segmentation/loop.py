@@ -1,7 +1,8 @@
 """The training of SGD-Net behind ``sgdc-train``: one training step (also used by the tests and
 ``bench/train_step.py``), autocast and the grad scaler, the builders of the model, optimizer and
-learning-rate schedule, the data loaders, evaluation, the DDP helper ``Dist`` and the epoch loop
-(``_train``), which writes ``metrics.json`` and the checkpoints after every epoch.
+learning-rate schedule, the data loaders, evaluation (its forward pass, ``forward_eval``, is
+``sgdc-predict``'s too), the DDP helper ``Dist`` and the epoch loop (``_train``), which writes
+``metrics.json``, the checkpoints and the curves (``curves.png``) after every epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn as nn
 from .checkpoints import restore_training_state, rng_state, save_checkpoints, training_state, write_json_atomic
 from .losses import SegEdgeLoss
 from .metrics import MetricTracker
+from .plots import Curves
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -191,18 +193,25 @@ def make_loaders(args, ddp: Dist):
     return train, sampler, val
 
 
+def forward_eval(model: nn.Module, images: torch.Tensor, device: torch.device, amp: str | None, channels_last: bool):
+    """The model's output on a batch of normalized images, as validation computes it: the images
+    moved to ``device`` (channels_last if asked), the forward under autocast(``amp``). Call it in
+    eval mode and under torch.no_grad()."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        return model(images)
+
+
 @torch.no_grad()
 def evaluate(model, loader, loss_fn, device, args, ddp: Dist) -> dict[str, float]:
     model.eval()
     tracker = MetricTracker()
     loss_sum, n = 0.0, 0
     for images, masks in loader:
-        images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, args.amp):
-            out = model(images)
+        out = forward_eval(model, images, device, args.amp, args.channels_last)
         loss_sum += loss_fn(out.seg, out.edge, masks)["loss"].item() * images.shape[0]
         n += images.shape[0]
         tracker.update(out.seg.float(), masks)
@@ -283,6 +292,7 @@ def _train(args, ddp: Dist, backend: str, ckpt: dict | None, resume: str | None)
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters",
             flush=True,
         )
+    curves = Curves(out_dir / "curves.png") if ddp.main else None
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         ddp_model.train()
@@ -336,6 +346,7 @@ def _train(args, ddp: Dist, backend: str, ckpt: dict | None, resume: str | None)
                 flush=True,
             )
             write_json_atomic({"config": config, "epochs": history}, out_dir / "metrics.json")
+            curves.draw(history)
             state = training_state(model, optimizer, scheduler, scaler, epoch + 1, best_dice, history, rng, args)
             save_checkpoints(out_dir, state, record, val["dice"] >= best_dice, args.save_every)
         ddp.barrier()

@@ -8,10 +8,11 @@ Several GPUs:     torchrun --nproc_per_node 4 -m sgdc_kernels.segmentation.train
 CPU, 2 processes: torchrun --nproc_per_node 2 -m sgdc_kernels.segmentation.train ...   (gloo)
 
 After each epoch, validation IoU, Dice and HD95 (per-image means, see
-sgdc_kernels.segmentation.metrics) are appended to ``<out>/metrics.json`` and ``<out>/last.pt`` is
-written (model, optimizer, scheduler, grad scaler, epoch, RNG states, metrics history); re-running
-the command continues from it (``--resume auto``, the default). ``<out>/best.pt`` holds the weights
-of the best epoch only, for inference.
+sgdc_kernels.segmentation.metrics) are appended to ``<out>/metrics.json``, drawn with the losses to
+``<out>/curves.png`` (where matplotlib is installed) and ``<out>/last.pt`` is written (model,
+optimizer, scheduler, grad scaler, epoch, RNG states, metrics history); re-running the command
+continues from it (``--resume auto``, the default). ``<out>/best.pt`` holds the weights of the best
+epoch only, for inference (``sgdc-predict``).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (fp16 adds a grad scaler)")
     o.add_argument("--channels-last", action="store_true", help="channels_last model and images")
     r = p.add_argument_group("run")
-    r.add_argument("--out", default="runs/sgdnet", help="folder for metrics.json, last.pt, best.pt")
+    r.add_argument("--out", default="runs/sgdnet", help="folder for metrics.json, curves.png, last.pt, best.pt")
     r.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and the synthetic data")
     r.add_argument(
         "--resume", default="auto",

@@ -200,7 +200,7 @@ def test_run_records_the_backend_it_used(run3):
 def test_best_pt_holds_weights_only_and_says_so(run3, tmp_path, capsys, monkeypatch):
     out, _ = run3
     best = torch_load(out / "best.pt")
-    assert set(best) == {"model", "model_config", "epoch", "metrics"}
+    assert set(best) == {"model", "model_config", "args", "version", "epoch", "metrics"}  # no optimizer, no RNG
     err = _usage_error(
         [*TINY, "--epochs", "3", "--out", str(tmp_path), "--resume", str(out / "best.pt")], capsys, monkeypatch
     )
