@@ -28,14 +28,6 @@ bool cpu_runs(Isa isa) {
 #endif
 }
 
-bool built(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx512: return avx512::compiled();
-    case Isa::kAvx2: return avx2::compiled();
-    default: return true;
-  }
-}
-
 Isa resolve(Isa isa) {
   if (isa == Isa::kAuto) return best_isa();
   if (!isa_available(isa))
@@ -60,7 +52,16 @@ const char* check_shape(const Shape& s) {
   return nullptr;
 }
 
-bool isa_available(Isa isa) { return isa != Isa::kAuto && built(isa) && cpu_runs(isa); }
+bool isa_compiled(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return avx512::compiled();
+    case Isa::kAvx2: return avx2::compiled();
+    case Isa::kBaseline: return true;
+    default: return false;
+  }
+}
+
+bool isa_available(Isa isa) { return isa_compiled(isa) && cpu_runs(isa); }
 
 Isa best_isa() {
   for (Isa isa : {Isa::kAvx512, Isa::kAvx2})

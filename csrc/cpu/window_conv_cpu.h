@@ -7,8 +7,8 @@
 // extension maps its tensors' storage onto these calls (at::BFloat16 and at::Half have the bit
 // layouts of DType::kBFloat16 and DType::kFloat16). The kernels are compiled once per instruction
 // set (window_conv_cpu_avx512.cpp, window_conv_cpu_avx2.cpp, window_conv_cpu_baseline.cpp, each
-// with its own flags, see window_conv_cpu_kernels.h) and window_conv_cpu.cpp picks one at run
-// time. Every output element is computed by one thread in a fixed order: the results are bitwise
+// selecting its own target, see window_conv_cpu_kernels.h) and window_conv_cpu.cpp picks one at
+// run time. Every output element is computed by one thread in a fixed order: the results are bitwise
 // the same for any thread count and on every run (for a given instruction set).
 #pragma once
 
@@ -70,7 +70,9 @@ const char* check_shape(const Shape& s);
 
 // The best instruction set this CPU runs and this build compiled.
 Isa best_isa();
-// Whether `isa` runs here: compiled with its flags, and supported by this CPU.
+// Whether this build compiled the kernels of `isa` (baseline: always).
+bool isa_compiled(Isa isa);
+// Whether `isa` runs here: compiled, and supported by this CPU.
 bool isa_available(Isa isa);
 const char* isa_name(Isa isa);
 

@@ -15,6 +15,19 @@
                 const Parallel& par);                                                                     \
   }
 
+// The functions of an instruction set that this build cannot compile (compiled() is false).
+#define SGDC_CPU_DEFINE_STUB(ns)                                                                          \
+  namespace sgdc {                                                                                        \
+  namespace cpu {                                                                                         \
+  namespace ns {                                                                                          \
+  bool compiled() { return false; }                                                                       \
+  void forward(const Shape&, DType, Layout, const void*, const void*, const void*, void*, const Parallel&) {} \
+  void backward(const Shape&, DType, Layout, const void*, const void*, const void*, const void*, void*, void*, \
+                void*, const Parallel&) {}                                                                \
+  }                                                                                                       \
+  }                                                                                                       \
+  }
+
 namespace sgdc {
 namespace cpu {
 SGDC_CPU_DECLARE_ISA(baseline)

@@ -1,6 +1,8 @@
 // The window_conv CPU kernels (definition: docs/op.md), templated on the storage type. Included
-// once by each instruction-set translation unit (window_conv_cpu_<isa>.cpp), which defines
-// SGDC_CPU_ISA, the namespace the kernels are compiled into (sgdc::cpu::<isa>).
+// once by each instruction-set translation unit (window_conv_cpu_<isa>.cpp), which selects its
+// target and defines SGDC_CPU_ISA, the namespace the kernels are compiled into (sgdc::cpu::<isa>),
+// and SGDC_VEC_BYTES, the width of its vector registers (64 for AVX-512, 32 for AVX2 with FMA and
+// F16C; 16, SSE2 or the architecture's baseline, when not defined).
 //
 // Nothing here is shared between the translation units: every type and function lives in the
 // instruction set's namespace, and no standard-library template is instantiated (no std::vector,
@@ -137,12 +139,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // arrays of accumulators would say the same, but GCC 12 keeps some of them in memory across loop
 // iterations; vector-typed locals stay in registers.
 
-#if defined(__AVX512F__)
-#define SGDC_VEC_BYTES 64
-#elif defined(__AVX2__)
-#define SGDC_VEC_BYTES 32
-#else
-#define SGDC_VEC_BYTES 16
+#if !defined(SGDC_VEC_BYTES)
+#define SGDC_VEC_BYTES 16  // set by the translation unit of AVX-512 (64) or AVX2 (32)
 #endif
 
 typedef float vf __attribute__((vector_size(SGDC_VEC_BYTES)));
@@ -179,7 +177,7 @@ inline typename Vec<A>::type splat(A s) {
 inline vf vfma(vf a, vf b, vf c) {
 #if SGDC_VEC_BYTES == 64
   return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif SGDC_VEC_BYTES == 32 && defined(__FMA__)
+#elif SGDC_VEC_BYTES == 32
   return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
   return a * b + c;
@@ -188,7 +186,7 @@ inline vf vfma(vf a, vf b, vf c) {
 inline vd vfma(vd a, vd b, vd c) {
 #if SGDC_VEC_BYTES == 64
   return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
-#elif SGDC_VEC_BYTES == 32 && defined(__FMA__)
+#elif SGDC_VEC_BYTES == 32
   return (vd)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 #else
   return a * b + c;
@@ -250,7 +248,7 @@ struct VConvert<float, f16> {
 #if SGDC_VEC_BYTES == 64
     // maskz: the unmasked intrinsics start from an undefined register, which GCC 12 warns about
     return (vf)_mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif SGDC_VEC_BYTES == 32 && defined(__F16C__)
+#elif SGDC_VEC_BYTES == 32
     return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
     vf v;
@@ -262,7 +260,7 @@ struct VConvert<float, f16> {
 #if SGDC_VEC_BYTES == 64
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                         _mm512_maskz_cvtps_ph(0xffff, (__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif SGDC_VEC_BYTES == 32 && defined(__F16C__)
+#elif SGDC_VEC_BYTES == 32
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
 #else
     for (int l = 0; l < Vec<float>::N; ++l) p[l].bits = float_to_f16(v[l]);
