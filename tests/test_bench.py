@@ -131,7 +131,7 @@ def test_the_backends_left_out_are_named_with_the_reason(bench, tmp_path, capsys
 @pytest.mark.parametrize(
     "spec,message",
     [
-        ("cdua", "--backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda"),
+        ("cdua", "--backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda, cpu"),
         ("torch@v9", "--backends: unknown variant 'v9' of 'torch'; expected 'all' or one of v1, v2, v3"),
         ("unfold@v1", "--backends: 'unfold' has no kernel variants; use 'unfold' without '@v1'"),
     ],
@@ -148,7 +148,7 @@ def test_a_bad_backend_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--backends", "cdua"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "run.py: error: --backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda"
+        "run.py: error: --backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda, cpu"
     )
 
 

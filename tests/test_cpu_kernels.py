@@ -1,21 +1,22 @@
-"""The fused CPU kernels of csrc/cpu/, before the extension calls them: built with the system C++
-compiler (tests/cpu_kernels/shim.py, each instruction set's file with its flags) and called through
-the C ABI of tests/cpu_kernels/capi.cpp on torch tensors.
+"""Backend 'cpu': the fused CPU kernels of csrc/cpu/, through their operators sgdc::cpu_forward and
+sgdc::cpu_backward (csrc/cpu/window_conv_cpu_ops.cpp).
 
-Every instruction set this machine runs (AVX-512, AVX2, baseline), forced one at a time, against the
-float64 oracle: every configuration (zero or clamped border, softmax or raw weights, dilation 1 to 3,
-K from 1 to 17, gate or not), every dtype, both layouts, images smaller than the window, 1x1 images,
-an empty batch, logits scaled by 30; NaN and infinities as the `torch` backend propagates them, -inf
-logits as masked taps; bitwise the same results for 1, 2 and 3 threads and from run to run; and a
-weights tensor of over 2**31 elements.
+Every instruction set this machine runs (the variants avx512, avx2, baseline), forced one at a time,
+against the float64 oracle: every configuration (zero or clamped border, softmax or raw weights,
+dilation 1 to 3, K from 1 to 17, gate or not), every dtype, both layouts, images smaller than the
+window, 1x1 images, an empty batch, logits scaled by 30; NaN and infinities as the `torch` backend
+propagates them, -inf logits as masked taps; bitwise the same results for 1, 2 and 3 threads
+(torch.set_num_threads) and from run to run; a weights tensor of over 2**31 elements; the checks
+that protect memory (clear errors naming the argument); and, in the built library, AVX-512 and AVX2
+code only in the kernels of their instruction set, with FMAs on zmm and ymm in the hot loops.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import mmap
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,33 +24,45 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgdc_kernels import window_conv
+from sgdc_kernels import registry, window_conv
 from sgdc_kernels.custom_ops import memory_format_of
 from sgdc_kernels.testing import TOLERANCES, forward_backward, make_inputs, oracle
-
-SHIM = Path(__file__).resolve().parent / "cpu_kernels" / "shim.py"
-_spec = importlib.util.spec_from_file_location("sgdc_cpu_kernels_shim", SHIM)
-shim = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(shim)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 KS = [1, 3, 5, 7, 13, 17]
+ALL_ISAS = ("avx512", "avx2", "baseline")
 
 
 @pytest.fixture(scope="session")
-def kernels():
-    try:
-        return shim.load()
-    except FileNotFoundError as exc:
-        pytest.skip(f"{exc}: cannot build the CPU kernels")
+def isas():
+    """Every instruction set this machine runs, the best first: the variants of backend 'cpu'."""
+    why = registry.unavailable_reason("cpu")
+    if why:
+        pytest.skip(why)
+    return list(registry.get_backend("cpu").variants)
 
 
-@pytest.fixture(scope="session")
-def isas(kernels):
-    """Every instruction set this machine runs, the best first."""
-    found = kernels.available_isas()
-    return sorted(found, key=lambda n: -shim.ISAS[n])
+class threads:
+    """torch.set_num_threads(n) inside the block."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def _forward(x, w, g, K, G, d=1, clamp=False, softmax=True, isa=""):
+    return torch.ops.sgdc.cpu_forward(x, w, g, K, G, d, clamp, softmax, isa)
+
+
+def _backward(dout, x, w, g, K, G, d=1, clamp=False, softmax=True, isa=""):
+    return torch.ops.sgdc.cpu_backward(dout, x, w, g, K, G, d, clamp, softmax, isa)
 
 
 def _mode(d, clamp, softmax):
@@ -75,12 +88,11 @@ def _reference(x, w, g, dout, K, G, mode):
     return [out, *grads]
 
 
-def _run(kernels, x, w, g, dout, K, G, d, clamp, softmax, isa, threads=2):
-    out, ran = kernels.forward(x, w, g, K, G, d, clamp, softmax, threads=threads, isa=isa)
-    assert ran == isa
-    grads, ran = kernels.backward(dout, x, w, g, K, G, d, clamp, softmax, threads=threads, isa=isa)
-    assert ran == isa
-    return [out, *(t for t in grads if t is not None)]
+def _run(x, w, g, dout, K, G, d, clamp, softmax, isa, n_threads=2):
+    with threads(n_threads):
+        out = _forward(x, w, g, K, G, d, clamp, softmax, isa)
+        dx, dw, dg = _backward(dout, x, w, g, K, G, d, clamp, softmax, isa)
+    return [out, dx, dw] + ([dg] if g is not None else [])
 
 
 def _compare(got, want, like, dtype, what):
@@ -111,7 +123,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_every_configuration_matches_the_oracle(kernels, isas, dtype):
+def test_every_configuration_matches_the_oracle(isas, dtype):
     """Each case runs on every instruction set, against one float64 oracle evaluation."""
     n = 0
     for K, d, clamp, softmax in CONFIGS:
@@ -124,13 +136,13 @@ def test_every_configuration_matches_the_oracle(kernels, isas, dtype):
                 x, w, g, dout = _inputs(shape, dtype, layout, gate, softmax, n)
                 want = _reference(x, w, g, dout, K, shape[4], _mode(d, clamp, softmax))
                 for isa in isas:
-                    got = _run(kernels, x, w, g, dout, K, shape[4], d, clamp, softmax, isa)
+                    got = _run(x, w, g, dout, K, shape[4], d, clamp, softmax, isa)
                     what = f"{isa} {shape} {layout} d={d} clamp={clamp} softmax={softmax} gate={gate}"
                     _compare(got, want, (x, x, w, g), dtype, what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_wide_heads(kernels, isas, dtype):
+def test_wide_heads(isas, dtype):
     """Heads of 64 and 100 channels: channels_last's groups of 4, 2 and 1 vector chunks."""
     for (shape, d), (clamp, softmax), layout in itertools.product(
         [((1, 128, 9, 20, 2, 3), 1), ((1, 200, 8, 19, 2, 3), 2)], [(False, True), (True, False)], LAYOUTS
@@ -140,11 +152,11 @@ def test_wide_heads(kernels, isas, dtype):
         x, w, g, dout = _inputs(shape, dtype, layout, not clamp, softmax, 8)
         want = _reference(x, w, g, dout, 3, 2, _mode(d, clamp, softmax))
         for isa in isas:
-            got = _run(kernels, x, w, g, dout, 3, 2, d, clamp, softmax, isa)
+            got = _run(x, w, g, dout, 3, 2, d, clamp, softmax, isa)
             _compare(got, want, (x, x, w, g), dtype, f"{isa} {shape} {layout} d={d} clamp={clamp}")
 
 
-def test_tiles_and_bands(kernels, isas):
+def test_tiles_and_bands(isas):
     """K = 17 on 150 columns: the backward's rings of P and g_y take the most memory per column, and
     the columns split into tiles (at least 64 columns each) whose windows and readers overlap
     their neighbours'; three threads split the rows into bands. Every border and normalization."""
@@ -153,12 +165,12 @@ def test_tiles_and_bands(kernels, isas):
         x, w, g, dout = _inputs(shape, torch.float32, layout, clamp, softmax, 9)
         want = _reference(x, w, g, dout, 17, 2, _mode(1, clamp, softmax))
         for isa in isas:
-            got = _run(kernels, x, w, g, dout, 17, 2, 1, clamp, softmax, isa, threads=3)
+            got = _run(x, w, g, dout, 17, 2, 1, clamp, softmax, isa, n_threads=3)
             _compare(got, want, (x, x, w, g), torch.float32, f"{isa} {layout} clamp={clamp}")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_tiny_and_empty_images(kernels, isas, layout):
+def test_tiny_and_empty_images(isas, layout):
     """1x1 images (every tap but the centre outside), one channel per head, an empty batch."""
     cases = [((1, 2, 1, 1, 2, 3), 1), ((2, 3, 1, 1, 1, 1), 1), ((1, 4, 1, 2, 4, 5), 2), ((1, 1, 2, 1, 1, 7), 3)]
     for shape, d in cases:
@@ -166,11 +178,11 @@ def test_tiny_and_empty_images(kernels, isas, layout):
             x, w, g, dout = _inputs(shape, torch.float32, layout, gate, softmax, 1)
             want = _reference(x, w, g, dout, shape[5], shape[4], _mode(d, False, softmax))
             for isa in isas:
-                got = _run(kernels, x, w, g, dout, shape[5], shape[4], d, False, softmax, isa)
+                got = _run(x, w, g, dout, shape[5], shape[4], d, False, softmax, isa)
                 _compare(got, want, (x, x, w, g), torch.float32, f"{isa} {shape} d={d}")
     x, w, g, dout = _inputs((0, 4, 5, 6, 2, 3), torch.float32, layout, True, True, 1)
     for isa in isas:
-        got = _run(kernels, x, w, g, dout, 3, 2, 1, True, True, isa)
+        got = _run(x, w, g, dout, 3, 2, 1, True, True, isa)
         assert [t.shape for t in got] == [x.shape, x.shape, w.shape, g.shape]
 
 
@@ -196,7 +208,7 @@ def _special_inputs(shape, layout, softmax):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("clamp", [False, True], ids=["zero", "clamp"])
 @pytest.mark.parametrize("softmax", [True, False], ids=["softmax", "raw"])
-def test_nan_and_inf_propagate_as_in_the_torch_backend(kernels, isas, layout, clamp, softmax):
+def test_nan_and_inf_propagate_as_in_the_torch_backend(isas, layout, clamp, softmax):
     shape = (1, 4, 9, 10, 2, 3)
     x, w, g, dout = _special_inputs(shape, layout, softmax)
     mode = _mode(1, clamp, softmax)
@@ -207,7 +219,7 @@ def test_nan_and_inf_propagate_as_in_the_torch_backend(kernels, isas, layout, cl
     out, grads = forward_backward(torch_backend, (x, w, g), dout)
     want = [out, *grads]
     for isa in isas:
-        got = _run(kernels, x, w, g, dout, 3, 2, 1, clamp, softmax, isa)
+        got = _run(x, w, g, dout, 3, 2, 1, clamp, softmax, isa)
         for name, a, b in zip(("out", "dx", "dweights", "dgate"), got, want):
             what = f"{isa} {layout} clamp={clamp} softmax={softmax}: {name}"
             assert torch.equal(a.isnan(), b.isnan()), f"{what}: NaN at other places"
@@ -218,7 +230,7 @@ def test_nan_and_inf_propagate_as_in_the_torch_backend(kernels, isas, layout, cl
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_minus_infinity_logits_are_masked_taps(kernels, isas, layout):
+def test_minus_infinity_logits_are_masked_taps(isas, layout):
     """-inf logits weigh 0: the results stay finite and match the oracle, in every configuration."""
     shape = (1, 6, 11, 12, 2, 3)
     for d, clamp in [(1, False), (1, True), (2, False)]:
@@ -226,7 +238,7 @@ def test_minus_infinity_logits_are_masked_taps(kernels, isas, layout):
         w[:, 0::2][torch.rand_like(w[:, 0::2]) < 0.5] = float("-inf")  # about half of the even taps
         want = _reference(x, w, g, dout, 3, 2, _mode(d, clamp, True))
         for isa in isas:
-            got = _run(kernels, x, w, g, dout, 3, 2, d, clamp, True, isa)
+            got = _run(x, w, g, dout, 3, 2, d, clamp, True, isa)
             assert all(t.isfinite().all() for t in got), f"{isa}: masked taps made a non-finite result"
             _compare(got, want, (x, x, w, g), torch.float32, f"{isa} d={d} clamp={clamp}")
 
@@ -236,7 +248,7 @@ def _bits(t):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_bitwise_the_same_for_any_thread_count_and_run(kernels, isas, dtype):
+def test_bitwise_the_same_for_any_thread_count_and_run(isas, dtype):
     cases = [
         ((2, 32, 21, 40, 2, 7), 1, False, True),
         ((1, 8, 30, 33, 1, 5), 2, True, False),
@@ -246,77 +258,129 @@ def test_bitwise_the_same_for_any_thread_count_and_run(kernels, isas, dtype):
     ]
     for (shape, d, clamp, softmax), layout, isa in itertools.product(cases, LAYOUTS, isas):
         x, w, g, dout = _inputs(shape, dtype, layout, True, softmax, 5)
-        first = _run(kernels, x, w, g, dout, shape[5], shape[4], d, clamp, softmax, isa, threads=1)
-        for threads in (1, 2, 3):
-            again = _run(kernels, x, w, g, dout, shape[5], shape[4], d, clamp, softmax, isa, threads=threads)
+        first = _run(x, w, g, dout, shape[5], shape[4], d, clamp, softmax, isa, n_threads=1)
+        for n in (1, 2, 3):
+            again = _run(x, w, g, dout, shape[5], shape[4], d, clamp, softmax, isa, n_threads=n)
             for a, b in zip(first, again):
-                assert torch.equal(_bits(a), _bits(b)), f"{isa} {shape} {layout}: {threads} threads differ"
+                assert torch.equal(_bits(a), _bits(b)), f"{isa} {shape} {layout}: {n} threads differ"
 
 
-def test_forcing_an_instruction_set(kernels, isas):
-    """Every instruction set this machine runs can be forced; the best is the default; one that
-    cannot run (not compiled, or not supported by this CPU) is refused with the reason."""
+def test_forcing_an_instruction_set(isas):
+    """Every instruction set this machine runs can be forced (the variant), the best is the default
+    (variant ""); one that cannot run here, or an unknown one, is refused with the reason."""
     x, w, g, _ = _inputs((1, 4, 6, 6, 1, 3), torch.float32, "nchw", False, True, 6)
-    assert kernels.forward(x, w, None, 3, 1)[1] == isas[0] == kernels.best_isa()
-    for isa in shim.ISAS:
+    assert "baseline" in isas and isas == [i for i in ALL_ISAS if i in isas]
+    assert registry.resolve("auto", "cpu", torch.float32, 1, False, True) == ("cpu", isas[0])
+    best = _forward(x, w, None, 3, 1)
+    for isa in ALL_ISAS:
         if isa in isas:
-            assert kernels.forward(x, w, None, 3, 1, isa=isa)[1] == isa
+            torch.testing.assert_close(_forward(x, w, None, 3, 1, isa=isa), best)
         else:
-            with pytest.raises(ValueError, match=f"instruction set {isa} is not available"):
-                kernels.forward(x, w, None, 3, 1, isa=isa)
-    assert "baseline" in isas
+            with pytest.raises(RuntimeError, match=f"variant '{isa}' does not run here"):
+                _forward(x, w, None, 3, 1, isa=isa)
+    with pytest.raises(RuntimeError, match="unknown variant 'sse9'; expected '', 'avx512', 'avx2' or 'baseline'"):
+        _forward(x, w, None, 3, 1, isa="sse9")
 
 
-def test_a_shape_it_cannot_run_is_refused(kernels):
-    x, w, g, _ = _inputs((1, 4, 6, 6, 1, 3), torch.float32, "nchw", False, True, 6)
-    with pytest.raises(ValueError, match="clamped windows need H and W of at least kernel_size"):
-        kernels.forward(x, w, None, 3, 1, dilation=3, clamp=True)
-    with pytest.raises(ValueError, match="multiple of the heads"):
-        kernels.forward(x, w[:, :0].contiguous(), None, 3, 3)
+def _bad_calls():
+    """(name, call, what the message says): direct calls of the operators with what
+    sgdc_kernels.window_conv would never pass them."""
+    torch.manual_seed(0)
+    x, w, g = torch.randn(2, 8, 5, 6), torch.randn(2, 18, 5, 6), torch.randn(2, 8, 5, 6)
+    dout = torch.randn(2, 8, 5, 6)
+    cl = torch.channels_last
+    return {
+        "x 3-D": (lambda: _forward(x[0], w, g, 3, 2), "x must be a 4-D"),
+        "x int": (lambda: _forward(x.long(), w, g, 3, 2), "x must be float32, float16, bfloat16 or float64"),
+        "x sliced": (lambda: _forward(x[..., ::2], w[..., ::2], None, 3, 2), "x must be contiguous or channels_last"),
+        "weights dtype": (lambda: _forward(x, w.double(), g, 3, 2), "weights has dtype"),
+        "weights shape": (lambda: _forward(x, w[:, :9], g, 3, 2), "weights must be dense"),
+        "weights channels": (lambda: _forward(x, w[:, :9].contiguous(), g, 3, 2), "weights must have shape"),
+        "weights layout": (
+            lambda: _forward(x, w.contiguous(memory_format=cl), g, 3, 2),
+            "weights must be dense in x's",
+        ),
+        "weights 3-D": (lambda: _forward(x, w[0], g, 3, 2), "weights must be 4-D"),
+        "gate shape": (lambda: _forward(x, w, g[:, :, :4].contiguous(), 3, 2), "gate must have x's shape"),
+        "gate layout": (lambda: _forward(x, w, g.contiguous(memory_format=cl), 3, 2), "gate must be dense in x's"),
+        "gate dtype": (lambda: _forward(x, w, g.half(), 3, 2), "gate has dtype"),
+        "even kernel_size": (
+            lambda: _forward(x, torch.randn(2, 32, 5, 6), g, 4, 2),
+            "kernel_size must be a positive odd",
+        ),
+        "num_heads": (lambda: _forward(x, w, g, 3, 0), "num_heads must be positive"),
+        "heads": (lambda: _forward(x, torch.randn(2, 27, 5, 6), g, 3, 3), "must be a positive multiple of num_heads"),
+        "dilation": (lambda: _forward(x, w, g, 3, 2, 0), "dilation must be a positive int"),
+        "clamp": (lambda: _forward(x, w, g, 3, 2, 2, True), "clamped windows need H and W of at least"),
+        "grad_out shape": (lambda: _backward(dout[:1], x, w, g, 3, 2), "grad_out must have x's shape"),
+        "grad_out dtype": (lambda: _backward(dout.double(), x, w, g, 3, 2), "grad_out has dtype"),
+        "grad_out layout": (
+            lambda: _backward(dout.contiguous(memory_format=cl), x, w, g, 3, 2),
+            "grad_out must be dense",
+        ),
+    }
 
 
-def test_instruction_sets_share_no_inline_code(kernels):
-    """The instruction-set objects define no weak (inline or template) symbol outside their own
-    namespace: the linker could otherwise keep an AVX-512 copy of it for every caller."""
-    nm = shutil.which("nm")
-    if nm is None:
-        pytest.skip("needs nm (binutils)")
-    folder = shim.build()
-    for isa in shim.ISA_FLAGS:
-        obj = folder / f"window_conv_cpu_{isa}.o"
-        listing = subprocess.run([nm, "-C", "--defined-only", str(obj)], capture_output=True, text=True, check=True)
-        weak = [ln for ln in listing.stdout.splitlines() if ln.split(" ")[1:2] and ln.split(" ")[1] in "WVu"]
-        # DW.ref.__gxx_personality_v0: a pointer for exception unwinding, data and no code
-        foreign = [ln for ln in weak if f"sgdc::cpu::{isa}::" not in ln and " DW.ref." not in ln]
-        assert not foreign, f"{isa}: weak symbols outside sgdc::cpu::{isa}:\n" + "\n".join(foreign[:20])
-        assert any(f"sgdc::cpu::{isa}::forward" in ln for ln in listing.stdout.splitlines()), f"{isa}: no kernels"
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_bad_inputs_to_the_operators_raise_clear_errors(isas, case):
+    call, match = _bad_calls()[case]
+    op = "sgdc::cpu_backward" if case.startswith("grad_out") else "sgdc::cpu_forward"
+    with pytest.raises(RuntimeError, match=f"{op}: .*{match}"):
+        call()
 
 
-# what the float32 inner loops of each instruction set's object must contain: fused multiply-adds
+def _library() -> Path:
+    import sgdc_kernels._C as ext
+
+    return Path(ext.__file__)
+
+
+def _functions(objdump_args):
+    """{demangled function name: its disassembly} of the extension's library."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("needs objdump (binutils)")
+    text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", *objdump_args, str(_library())],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    functions = {}
+    for body in re.split(r"\n(?=[0-9a-f]+ <)", text):
+        m = re.match(r"[0-9a-f]+ <(.*)>:", body)
+        if m:
+            functions[m.group(1)] = body
+    return functions
+
+
+def test_wide_vector_code_only_in_its_instruction_sets_kernels(isas):
+    """No function of the library outside sgdc::cpu::avx512 uses zmm registers, and none outside it
+    and sgdc::cpu::avx2 ymm ones: an inline function of a header compiled for AVX-512 (the
+    linker keeps one copy of it for every caller) would crash a CPU without AVX-512."""
+    functions = _functions([])
+    zmm = [name for name, body in functions.items() if "%zmm" in body]
+    ymm = [name for name, body in functions.items() if "%ymm" in body]
+    assert not [n for n in zmm if "sgdc::cpu::avx512::" not in n], zmm[:20]
+    assert not [n for n in ymm if "sgdc::cpu::avx512::" not in n and "sgdc::cpu::avx2::" not in n], ymm[:20]
+
+
+# what the float32 inner loops of each instruction set's kernels must contain: fused multiply-adds
 # on its widest registers (SSE2 has no FMA: multiplies and adds on xmm)
 VECTOR_FMA = {"avx512": r"vfmadd\d+ps .*%zmm", "avx2": r"vfmadd\d+ps .*%ymm", "baseline": r"\bmulps .*%xmm"}
 HOT = [f"Kernels<float, float>::{name}" for name in
        ("forward_nchw_item", "backward_nchw_item", "wsum2<", "wsum<", "backward_cl_item")]  # fmt: skip
 
 
-def test_the_hot_loops_are_vectorized(kernels):
-    """objdump of each instruction set's object: the window sums (NCHW forward and backward,
-    channels_last's wsum and wsum2, and its backward with dP) use FMAs on zmm (AVX-512) and ymm
-    (AVX2) registers, multiplies on xmm for SSE2."""
-    import re
+def test_the_hot_loops_are_vectorized(isas):
+    """objdump of the extension: the window sums (NCHW forward and backward, channels_last's wsum
+    and wsum2, and its backward with dP) use FMAs on zmm (AVX-512) and ymm (AVX2) registers,
+    multiplies on xmm for SSE2, in every instruction set this build compiled (all three on x86-64
+    with GCC)."""
+    import sgdc_kernels._C as ext
 
-    objdump = shutil.which("objdump")
-    if objdump is None:
-        pytest.skip("needs objdump (binutils)")
-    folder = shim.build()
-    for isa, pattern in VECTOR_FMA.items():
-        text = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", str(folder / f"window_conv_cpu_{isa}.o")],
-                              capture_output=True, text=True, check=True).stdout  # fmt: skip
-        functions = re.split(r"\n(?=[0-9a-f]+ <)", text)
+    functions = _functions([])
+    for isa in ext.CPU_COMPILED.split(","):
         for hot in HOT:
-            bodies = [f for f in functions if hot in f.split("\n", 1)[0]]
-            assert bodies, f"{isa}: no function {hot} in the object"
-            assert any(re.search(pattern, f) for f in bodies), f"{isa}: {hot} has no {pattern}"
+            bodies = [body for name, body in functions.items() if f"sgdc::cpu::{isa}::" in name and hot in name]
+            assert bodies, f"{isa}: no function {hot} in the library"
+            assert any(re.search(VECTOR_FMA[isa], b) for b in bodies), f"{isa}: {hot} has no {VECTOR_FMA[isa]}"
 
 
 def _sparse(shape, dtype, memory_format):
@@ -347,7 +411,7 @@ def _available_memory() -> int:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_offsets_beyond_2_to_the_31(kernels, layout):
+def test_offsets_beyond_2_to_the_31(isas, layout):
     """weights of 2.31e9 bfloat16 elements (one head, K = 17, a 1024 x 7813 image; x of one channel,
     two in channels_last, where one would also count as contiguous) that read as zeros but in the
     bottom-right corner of the image, where they hold random logits. In NCHW taps 269 to 288 of
@@ -362,7 +426,8 @@ def test_offsets_beyond_2_to_the_31(kernels, layout):
     w, buf = _sparse((1, KK, H, W), dtype, fmt)
     w[..., -n:, -n:] = (4 * torch.randn(1, KK, n, n)).to(dtype)
     x = torch.randn(1, C, H, W).to(dtype).contiguous(memory_format=fmt)
-    out, _ = kernels.forward(x, w, None, K, 1, threads=2)
+    with threads(2):
+        out = _forward(x, w, None, K, 1)
     crop = [t[..., -n:, -n:].contiguous(memory_format=fmt) for t in (x, w)]
     torch.testing.assert_close(out[..., -n + r :, -n + r :].double(), oracle(K, 1)(*crop, None)[..., r:, r:],
                                **TOLERANCES[dtype])  # fmt: skip
@@ -372,7 +437,8 @@ def test_offsets_beyond_2_to_the_31(kernels, layout):
     if os.environ.get("SGDC_TEST_LARGE") != "1" or _available_memory() < 12 * 2**30:
         pytest.skip("the backward at this size runs with SGDC_TEST_LARGE=1 and 12 GB of available memory")
     dout = torch.randn(x.shape).to(dtype).contiguous(memory_format=fmt)
-    (dx, dw, _), _ = kernels.backward(dout, x, w, None, K, 1, threads=2)
+    with threads(2):
+        dx, dw, _ = _backward(dout, x, w, None, K, 1)
     ref = [t.double() for t in crop]
     _, grads = forward_backward(oracle(K, 1), ref + [None], dout[..., -n:, -n:].double())
     # dx of the corner away from its cut edges (where pixels outside the crop read it)

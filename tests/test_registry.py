@@ -15,7 +15,7 @@ from sgdc_kernels.reference import unfold_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "sgdc_kernels")
-UNKNOWN = "backend: unknown backend 'cdua'; expected 'auto' or one of unfold, torch, triton, cuda"
+UNKNOWN = "backend: unknown backend 'cdua'; expected 'auto' or one of unfold, torch, triton, cuda, cpu"
 
 
 @pytest.mark.parametrize(

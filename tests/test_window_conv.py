@@ -71,13 +71,14 @@ def test_backends_match_the_oracle(backend, mode, K, dtype):
     check_backend(backend, _shape(K, mode["dilation"]), dtype, mode=mode, memory_format=layout, gate=K != 13)
 
 
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b in ("torch", "cpu")])
 @pytest.mark.parametrize("mode", MODES[1:], ids=_id)
-def test_gradcheck_float64(mode):
+def test_gradcheck_float64(backend, mode):
     x, w, g = make_inputs(_shape(3, mode["dilation"], G=1, Cg=2), torch.float64)
     x, w, g = (t[:1].detach().requires_grad_() for t in (x, w, g))
 
     def f(*args):
-        return window_conv(*args, kernel_size=3, backend="torch", **mode)
+        return window_conv(*args, kernel_size=3, backend=backend, **mode)
 
     assert torch.autograd.gradcheck(f, (x, w, g))
 
