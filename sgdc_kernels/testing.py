@@ -137,9 +137,91 @@ def tolerances(backend: str, dtype: torch.dtype) -> dict:
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "", tol: dict | None = None) -> None:
+    """``torch.testing.assert_close`` in float64 with the dtype's tolerances; NaN must stand exactly
+    where ``expected`` has NaN, and infinities must match (docs/op.md, "Non-finite inputs")."""
     torch.testing.assert_close(
-        actual.double(), expected.double(), **(tol or TOLERANCES[dtype]), msg=lambda m: f"{what}: {m}" if what else m
+        actual.double(),
+        expected.double(),
+        **(tol or TOLERANCES[dtype]),
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}" if what else m,
     )
+
+
+def error_scales(
+    tensors: Sequence[Tensor | None],
+    grad_out: Tensor,
+    kernel_size: int,
+    num_heads: int,
+    mode: dict | None = None,
+    *,
+    spread: bool = False,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Per element of ``out`` and of each gradient (d_x, d_weights, d_gate when there is a gate), the
+    sum of the magnitudes of the terms that the definition adds up (docs/op.md), in float64.
+
+    Any order of summing n terms with unit roundoff u is within n*u times this of the exact sum,
+    whatever the cancellation, so a tolerance proportional to it holds where |result| is small.
+    out: s * sum_t P_t |x_t|; d_x: sum over the (p, t) reading x of P_t(p) s |dout|; dP:
+    sum_c s |dout| |x_t|, and d_weights P_t (dP_t + sum_t' P_t' dP_t') with the softmax, dP without;
+    d_gate: |dout| y s (1 - s) with y = sum_t P_t |x_t|, plus |dout| y s, the scale of the rounding
+    of 1 - s, which is absolute. P is the softmax of the logits, or |weights| without it.
+
+    ``spread=True`` gives the same sums with each probability P_t weighted by |l_t - max_t' l_t'|:
+    a softmax that subtracts the max rounds that difference, so exp(l_t - max) is off by up to
+    |l_t - max| units of roundoff, relative (0 with raw weights)."""
+    dilation, clamp, softmax = mode_args(mode)
+    x, weights, gate = (t.detach().double() if t is not None else None for t in tensors)
+    B, _, H, W = x.shape
+    KK = kernel_size**2
+
+    def per_pixel(t: Tensor) -> Tensor:  # (B, G, KK, H, W)
+        return t.reshape(B, num_heads, KK, H, W)
+
+    if softmax:
+        p = per_pixel(weights).softmax(dim=2)
+        spread_p = (per_pixel(weights) - per_pixel(weights).amax(dim=2, keepdim=True)).abs()
+        q = torch.where(p > 0, p * spread_p, 0.0) if spread else p
+    else:
+        p = per_pixel(weights).abs()
+        q = torch.zeros_like(p) if spread else p
+    raw = {"dilation": dilation, "border": "clamp" if clamp else "zero", "normalize": None}
+    dout = grad_out.detach().double().abs()
+    out, grads = forward_backward(oracle(kernel_size, num_heads, raw), (x.abs(), q.reshape(weights.shape), gate), dout)
+    dx, dp = grads[0], per_pixel(grads[1])
+    if softmax:
+        dweights = q * (dp + (p * dp).sum(dim=2, keepdim=True))
+        if spread:
+            dweights = dweights + p * (q * dp).sum(dim=2, keepdim=True)
+    else:
+        dweights = dp
+    dweights = dweights.reshape(weights.shape)
+    if gate is None:
+        return out, (dx, dweights)
+    return out, (dx, dweights, grads[2] if spread else grads[2] + dout * out)
+
+
+def assert_close_scaled(
+    actual: Tensor, expected: Tensor, scale: Tensor, *, atol: float, rtol: float, what: str = ""
+) -> None:
+    """|actual - expected| <= atol * scale + rtol * |expected| elementwise (``scale``: see
+    :func:`error_scales`), NaN exactly where ``expected`` has NaN and the same infinities."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    nan = e.isnan()
+    bad = nan != a.isnan()
+    inf = e.isinf()
+    bad |= inf & (a != e)
+    finite = ~nan & ~inf
+    tol = atol * scale.double() + rtol * e.abs()
+    bad |= finite & ~((a - e).abs() <= tol)
+    if bad.any():
+        k = int(bad.reshape(-1).nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ; first at flat index {k}: got "
+            f"{a.reshape(-1)[k].item():.8g}, expected {e.reshape(-1)[k].item():.8g}, tolerance "
+            f"{tol.reshape(-1)[k].item():.3g} (scale {scale.reshape(-1)[k].item():.3g})"
+        )
 
 
 def check_tensors(
