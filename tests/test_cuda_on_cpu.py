@@ -299,3 +299,64 @@ def test_window_conv_configurations(harness, tmp_path, dtype):
                 cases.add(shape, dtype, layout, (n + m + K) % 2 == 0, "v2", 4.0, mode)
     cases.add((1, 34, 18, 41, 2, 7), dtype, "nhwc", True, "v2", 4.0, dict(border="clamp"))  # chunks, tiles
     cases.run(harness)
+
+
+def _non_finite_edits(shape) -> dict:
+    """Changes of the inputs (x, weights, gate) that docs/op.md's "Non-finite inputs" defines: masked
+    taps (logit -inf; the first tap of every pixel, issue 26, and about 30% of the others), a pixel
+    of each head whose taps are all masked (NaN there, as torch.softmax gives), and NaN, +inf, -inf
+    in x and in the gate."""
+    B, C, H, W, G, K = shape
+    KK = K * K
+
+    def masked(x, k, g):
+        k[torch.rand(k.shape) < 0.3] = float("-inf")
+        for h in range(G):
+            k[:, h * KK] = float("-inf")
+
+    def all_masked(x, k, g):
+        masked(x, k, g)
+        for h in range(G):
+            k[0, h * KK : (h + 1) * KK, H // 2, W - 1] = float("-inf")
+
+    def x_non_finite(x, k, g):
+        x[0, 0, H // 2, W // 2] = float("nan")
+        x[0, C - 1, 0, W - 1] = float("inf")
+        x[0, C // 2, H - 1, 0] = float("-inf")
+
+    def gate_non_finite(x, k, g):
+        g[0, 0, H // 2, W // 2] = float("nan")
+        g[0, C - 1, 0, W - 1] = float("inf")
+        g[0, C // 2, H - 1, 0] = float("-inf")
+
+    return {"masked": masked, "all_masked": all_masked, "x": x_non_finite, "gate": gate_non_finite}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_masked_taps_and_non_finite_inputs(harness, tmp_path, variant, dtype):
+    """Masked taps give finite results and zero gradients for them, a pixel with every tap masked
+    gives NaN where the oracle (torch.softmax) does, and NaN and infinities in x and the gate reach
+    exactly the results the oracle's arithmetic sends them to, in every variant (v3's tensor cores
+    for 16-bit K <= 9 included) and, in v2, every configuration; logits of magnitude 1e4 too."""
+    cases = Cases(tmp_path)
+    shapes = [(1, 20, 9, 37, 2, 3), (1, 6, 5, 7, 2, 7), (1, 18, 10, 17, 1, 9), (1, 4, 6, 9, 1, 13)]
+    for n, shape in enumerate(shapes):
+        for m, (name, edit) in enumerate(_non_finite_edits(shape).items()):
+            # logits scaled by 4 with infinities in x: no probability near float32's underflow, where
+            # an infinity times a probability that is 0 in float32 but not in float64 gives NaN
+            # instead of the oracle's infinity (docs/op.md)
+            layout = ("nchw", "nhwc")[(n + m) % 2]
+            cases.add(shape, dtype, layout, True, variant, 4.0 if name == "x" else 30.0, edit=edit)
+        cases.add(
+            shape, dtype, ("nhwc", "nchw")[n % 2], n % 2 == 0, variant, 1e4, edit=_non_finite_edits(shape)["masked"]
+        )
+    if variant == "v2":
+        for n, mode in enumerate(MODES):
+            d = mode["dilation"]
+            shape = (1, 6, 3 * d + 2, 3 * d + 9, 2, 3)
+            for m, (name, edit) in enumerate(_non_finite_edits(shape).items()):
+                if mode["normalize"] is None and name in ("masked", "all_masked"):
+                    continue  # raw weights: no softmax, no masked taps
+                cases.add(shape, dtype, ("nchw", "nhwc")[(n + m) % 2], True, "v2", 4.0, mode, edit)
+    cases.run(harness)
