@@ -76,9 +76,15 @@ def variant(request):
     return request.param
 
 
+def _first_variant(dtype, variant):
+    """The first variant that runs the kernels ``variant`` runs for ``dtype``."""
+    family = impl.kernel_family(variant, dtype)
+    return next(v for v in VARIANTS if impl.kernel_family(v, dtype) == family)
+
+
 def skip_if_same_kernels(variant, dtype):
     family = impl.kernel_family(variant, dtype)
-    first = next(v for v in VARIANTS if impl.kernel_family(v, dtype) == family)
+    first = _first_variant(dtype, variant)
     if first != variant:
         pytest.skip(f"{variant} runs the same {family} kernels as {first} for {dtype}")
 
@@ -195,6 +201,53 @@ def test_interpreter_configurations(variant, all_dtypes, mode, dtype):
     layout = list(LAYOUTS)[(k + (dtype == torch.bfloat16)) % 2]
     gate = (k + k // 4) % 2 == 0
     check_backend(spec(variant), (1, 4, n + 2, n + 3, 2, 3), dtype, mode=mode, memory_format=LAYOUTS[layout], gate=gate)
+
+
+def _non_finite(kind, shape):
+    """Inputs of ``shape`` (logits scaled by 2) with the non-finite values of docs/op.md's
+    "Non-finite inputs": masked taps (logit -inf) at the first tap of every pixel (issue 26) and at
+    about 30% of the others, and a pixel of each head with every tap masked (NaN there, as
+    torch.softmax gives); NaN, +inf and -inf in x; or in the gate; or masked taps among logits of
+    magnitude 1e4."""
+    B, C, H, W, G, K = shape
+    x, weights, gate = make_inputs(shape, gate=True, scale=1e4 if kind == "large" else 2.0)
+    if kind in ("masked", "large"):
+        weights[torch.rand(weights.shape) < 0.3] = float("-inf")
+        weights[:, :: K * K] = float("-inf")
+        if kind == "masked":
+            weights[0, : K * K, H // 2, W - 1] = float("-inf")
+    else:
+        t = x if kind == "x" else gate
+        t[0, 0, H // 2, W // 2] = float("nan")
+        t[0, C - 1, 0, W - 1] = float("inf")
+        t[0, C // 2, H - 1, 0] = float("-inf")
+    return x, weights, gate
+
+
+NON_FINITE_CASES = [
+    ("masked", MODES[0]),
+    ("x", MODES[0]),
+    ("gate", MODES[0]),
+    ("large", MODES[0]),
+    ("masked", dict(dilation=2, border="clamp", normalize="softmax")),
+    ("x", CLAMPED),
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("kind,mode", NON_FINITE_CASES, ids=lambda c: c if isinstance(c, str) else _mode_id(c))
+def test_interpreter_masked_taps_and_non_finite_inputs(variant, all_dtypes, kind, mode):
+    """Masked taps, NaN and infinities against the oracle, NaN exactly where it has NaN (issue 26:
+    the taps kernels' online max turned a first masked tap into NaN everywhere; the band kernels'
+    tl.dot spread a non-finite x or g_y to every pixel of a row segment through the band's zeros).
+    Each family of kernels in float32 and bfloat16, run by the first variant that runs it."""
+    dtypes = [d for d in (torch.float32, torch.bfloat16) if _first_variant(d, variant) == variant]
+    if not dtypes:
+        pytest.skip(f"{variant} runs the kernels of earlier variants in float32 and bfloat16")
+    shape = (1, 3, 5, 6, 1, 3) if mode["dilation"] == 1 else (1, 3, 6, 7, 1, 3)
+    for dtype in dtypes:
+        tensors = [t.to(dtype) for t in _non_finite(kind, shape)]
+        check_tensors(spec(variant), tensors, 3, 1, mode)
 
 
 K17_CASES = [
