@@ -110,7 +110,7 @@ def gather_reference(
         for v in range(K):
             cols = torch.tensor([start(j, W) + v * d for j in range(W)], device=x.device)
             inside = ((rows >= 0) & (rows < H))[:, None] & ((cols >= 0) & (cols < W))[None, :]
-            tap = xs[..., rows.clamp(0, H - 1), :][..., cols.clamp(0, W - 1)] * inside
+            tap = torch.where(inside, xs[..., rows.clamp(0, H - 1), :][..., cols.clamp(0, W - 1)], 0.0)
             out = out + w[:, :, None, u * K + v] * tap
     out = out.reshape(B, C, H, W)
     return out * torch.sigmoid(gate.double()) if gate is not None else out
