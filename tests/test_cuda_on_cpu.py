@@ -305,7 +305,7 @@ def test_window_conv_configurations(harness, tmp_path, dtype):
 
 def _non_finite_edits(shape) -> dict:
     """Changes of the inputs (x, weights, gate) that docs/op.md's "Non-finite inputs" defines: masked
-    taps (logit -inf; the first tap of every pixel, issue 26, and about 30% of the others), a pixel
+    taps (logit -inf; the first tap of every pixel and about 30% of the others), a pixel
     of each head whose taps are all masked (NaN there, as torch.softmax gives), and NaN, +inf, -inf
     in x and in the gate."""
     B, C, H, W, G, K = shape

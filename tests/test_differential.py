@@ -109,7 +109,7 @@ class Case:
     seed: int
     logit_scale: float
     masked: float  # fraction of masked taps
-    first_masked: bool  # the first tap of every pixel masked (issue 26)
+    first_masked: bool  # the first tap of every pixel masked
     all_masked: bool  # every tap of one pixel masked
     specials: tuple  # (tensor, position in [0, 1), value): NaN and infinities
 
@@ -354,7 +354,7 @@ def test_cuda_matches_the_oracle(variant):
 # ---------------------------------------------------------------------------------------------
 
 REGRESSIONS = {
-    # the band kernels' tl.dot spread an infinite x to every pixel of a row segment (issue 26)
+    # the band kernels' tl.dot spread an infinite x to every pixel of a row segment
     "triton@v2dot: -inf in x, dilated clamped windows": (
         "triton@v2dot",
         Case(B=2, C=2, H=9, W=7, G=2, K=3, dilation=2, border="clamp", normalize="softmax", dtype=torch.float32,

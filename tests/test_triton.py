@@ -206,7 +206,7 @@ def test_interpreter_configurations(variant, all_dtypes, mode, dtype):
 
 def _non_finite(kind, shape):
     """Inputs of ``shape`` (logits scaled by 2) with the non-finite values of docs/op.md's
-    "Non-finite inputs": masked taps (logit -inf) at the first tap of every pixel (issue 26) and at
+    "Non-finite inputs": masked taps (logit -inf) at the first tap of every pixel and at
     about 30% of the others, and a pixel of each head with every tap masked (NaN there, as
     torch.softmax gives); NaN, +inf and -inf in x; or in the gate; or masked taps among logits of
     magnitude 1e4."""
@@ -238,8 +238,8 @@ NON_FINITE_CASES = [
 @requires_interpreter
 @pytest.mark.parametrize("kind,mode", NON_FINITE_CASES, ids=lambda c: c if isinstance(c, str) else _mode_id(c))
 def test_interpreter_masked_taps_and_non_finite_inputs(variant, all_dtypes, kind, mode):
-    """Masked taps, NaN and infinities against the oracle, NaN exactly where it has NaN (issue 26:
-    the taps kernels' online max turned a first masked tap into NaN everywhere; the band kernels'
+    """Masked taps, NaN and infinities against the oracle, NaN exactly where it has NaN (before
+    the fix, the taps kernels' online max turned a first masked tap into NaN everywhere; the band kernels'
     tl.dot spread a non-finite x or g_y to every pixel of a row segment through the band's zeros).
     Each family of kernels in float32 and bfloat16, run by the first variant that runs it."""
     dtypes = [d for d in (torch.float32, torch.bfloat16) if _first_variant(d, variant) == variant]
