@@ -22,7 +22,9 @@ def check_int(name: str, value: object, *, odd: bool = False, minimum: int = 1) 
         what = "a positive int" if minimum == 1 else f"an int greater than {minimum - 1}"
         raise TypeError(f"{name}: expected {what}, got {type(value).__name__} {value!r}")
     if minimum > 1 and (value < minimum or (odd and value % 2 == 0)):
-        raise ValueError(f"{name}: expected an {'odd ' if odd else ''}int greater than {minimum - 1}, got {value}")
+        # the odd ints from an odd minimum are those greater than minimum - 2 (from 3: greater than 1)
+        bound = minimum - 2 if odd and minimum % 2 else minimum - 1
+        raise ValueError(f"{name}: expected an {'odd ' if odd else ''}int greater than {bound}, got {value}")
     if value < minimum:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     if odd and value % 2 == 0:

@@ -110,7 +110,7 @@ def gather_reference(
         for v in range(K):
             cols = torch.tensor([start(j, W) + v * d for j in range(W)], device=x.device)
             inside = ((rows >= 0) & (rows < H))[:, None] & ((cols >= 0) & (cols < W))[None, :]
-            tap = xs[..., rows.clamp(0, H - 1), :][..., cols.clamp(0, W - 1)] * inside
+            tap = torch.where(inside, xs[..., rows.clamp(0, H - 1), :][..., cols.clamp(0, W - 1)], 0.0)
             out = out + w[:, :, None, u * K + v] * tap
     out = out.reshape(B, C, H, W)
     return out * torch.sigmoid(gate.double()) if gate is not None else out
@@ -137,9 +137,133 @@ def tolerances(backend: str, dtype: torch.dtype) -> dict:
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "", tol: dict | None = None) -> None:
+    """``torch.testing.assert_close`` in float64 with the dtype's tolerances; NaN must stand exactly
+    where ``expected`` has NaN, and infinities must match (docs/op.md, "Non-finite inputs")."""
     torch.testing.assert_close(
-        actual.double(), expected.double(), **(tol or TOLERANCES[dtype]), msg=lambda m: f"{what}: {m}" if what else m
+        actual.double(),
+        expected.double(),
+        **(tol or TOLERANCES[dtype]),
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}" if what else m,
     )
+
+
+def error_scales(
+    tensors: Sequence[Tensor | None],
+    grad_out: Tensor,
+    kernel_size: int,
+    num_heads: int,
+    mode: dict | None = None,
+    *,
+    spread: bool = False,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Per element of ``out`` and of each gradient (d_x, d_weights, d_gate when there is a gate), the
+    sum of the magnitudes of the terms that the definition adds up (docs/op.md), in float64.
+
+    Any order of summing n terms with unit roundoff u is within n*u times this of the exact sum,
+    whatever the cancellation, so a tolerance proportional to it holds where |result| is small.
+    out: s * sum_t P_t |x_t|; d_x: sum over the (p, t) reading x of P_t(p) s |dout|; dP:
+    sum_c s |dout| |x_t|, and d_weights P_t (dP_t + sum_t' P_t' dP_t') with the softmax, dP without;
+    d_gate: |dout| y s (1 - s) with y = sum_t P_t |x_t|, plus |dout| y s, the scale of the rounding
+    of 1 - s, which is absolute. P is the softmax of the logits, or |weights| without it.
+
+    ``spread=True`` gives the same sums with each probability P_t weighted by |l_t - max_t' l_t'|:
+    a softmax that subtracts the max rounds that difference, so exp(l_t - max) is off by up to
+    |l_t - max| units of roundoff, relative (0 with raw weights)."""
+    dilation, clamp, softmax = mode_args(mode)
+    x, weights, gate = (t.detach().double() if t is not None else None for t in tensors)
+    B, _, H, W = x.shape
+    KK = kernel_size**2
+
+    def per_pixel(t: Tensor) -> Tensor:  # (B, G, KK, H, W)
+        return t.reshape(B, num_heads, KK, H, W)
+
+    if softmax:
+        p = per_pixel(weights).softmax(dim=2)
+        spread_p = (per_pixel(weights) - per_pixel(weights).amax(dim=2, keepdim=True)).abs()
+        q = torch.where(p > 0, p * spread_p, 0.0) if spread else p
+    else:
+        p = per_pixel(weights).abs()
+        q = torch.zeros_like(p) if spread else p
+    raw = {"dilation": dilation, "border": "clamp" if clamp else "zero", "normalize": None}
+    dout = grad_out.detach().double().abs()
+    out, grads = forward_backward(oracle(kernel_size, num_heads, raw), (x.abs(), q.reshape(weights.shape), gate), dout)
+    dx, dp = grads[0], per_pixel(grads[1])
+    if softmax:
+        dweights = q * (dp + (p * dp).sum(dim=2, keepdim=True))
+        if spread:
+            dweights = dweights + p * (q * dp).sum(dim=2, keepdim=True)
+    else:
+        dweights = dp
+    dweights = dweights.reshape(weights.shape)
+    if gate is None:
+        return out, (dx, dweights)
+    return out, (dx, dweights, grads[2] if spread else grads[2] + dout * out)
+
+
+def underflow_reference(
+    tensors: Sequence[Tensor | None],
+    grad_out: Tensor,
+    kernel_size: int,
+    num_heads: int,
+    mode: dict | None = None,
+    *,
+    tiny: float,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The oracle's out and gradients in float64 with every probability below ``tiny`` set to 0, as a
+    backend whose precision flushes or rounds them to 0 computes them (``tiny``: the smallest normal
+    number of that precision). They differ from the oracle's only where such a probability meets
+    an infinity (0 * inf = NaN where the oracle has +-inf); with raw weights they are the oracle's."""
+    dilation, clamp, softmax = mode_args(mode)
+    x, weights, gate = (t.detach().double() if t is not None else None for t in tensors)
+    dout = grad_out.detach().double()
+    if not softmax:
+        return forward_backward(oracle(kernel_size, num_heads, mode), (x, weights, gate), dout)
+    B, _, H, W = x.shape
+    shape5 = (B, num_heads, kernel_size**2, H, W)
+    p = weights.reshape(shape5).softmax(dim=2)
+    p = torch.where(p < tiny, 0.0, p)
+    raw = {"dilation": dilation, "border": "clamp" if clamp else "zero", "normalize": None}
+    out, grads = forward_backward(oracle(kernel_size, num_heads, raw), (x, p.reshape(weights.shape), gate), dout)
+    dp = grads[1].reshape(shape5)
+    dweights = (p * (dp - (p * dp).sum(dim=2, keepdim=True))).reshape(weights.shape)
+    return out, (grads[0], dweights, *grads[2:])
+
+
+def assert_close_scaled(
+    actual: Tensor,
+    expected: Tensor,
+    tol: Tensor,
+    *,
+    what: str = "",
+    alternative: Tensor | None = None,
+) -> None:
+    """|actual - expected| <= ``tol`` elementwise where ``expected`` is finite, NaN exactly where it
+    has NaN, and the same infinities (docs/op.md, "Non-finite inputs"). ``alternative``, if given,
+    is what the same arithmetic gives where some probabilities are 0 instead of tiny (they underflow
+    in the backend's precision): where the two differ in their NaN or infinities, ``actual`` may be
+    NaN or match either."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    tol = tol.double()
+
+    def matches(ref: Tensor) -> Tensor:
+        finite = ref.isfinite()
+        close = (a - torch.where(finite, ref, 0.0)).abs() <= torch.where(finite, tol, 0.0)
+        return torch.where(finite, close & a.isfinite(), (ref.isnan() & a.isnan()) | (ref.isinf() & (a == ref)))
+
+    ok = matches(e)
+    if alternative is not None:
+        alt = alternative.detach().double()
+        ambiguous = (e.isnan() != alt.isnan()) | (e.isinf() != alt.isinf()) | (e.isinf() & alt.isinf() & (e != alt))
+        ok |= ambiguous & (a.isnan() | matches(alt))
+    if not ok.all():
+        k = int((~ok).reshape(-1).nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int((~ok).sum())} of {ok.numel()} elements differ; first at flat index {k}: got "
+            f"{a.reshape(-1)[k].item():.8g}, expected {e.reshape(-1)[k].item():.8g}, tolerance "
+            f"{tol.reshape(-1)[k].item():.3g}"
+        )
 
 
 def check_tensors(

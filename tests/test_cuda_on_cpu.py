@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgdc_kernels.testing import forward_backward, make_inputs, mode_args, oracle
+from sgdc_kernels.testing import error_scales, forward_backward, make_inputs, mode_args, oracle
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = Path(__file__).resolve().parent / "cuda_emu"
@@ -95,14 +95,32 @@ def _from_raw(data: bytes, like: torch.Tensor) -> torch.Tensor:
     return flat.view(B, H, W, C).permute(0, 3, 1, 2)
 
 
-def _tolerance(ref: torch.Tensor, dtype: torch.dtype, extra: float) -> torch.Tensor:
-    """|got - ref| allowed per element: the output's own rounding (unit roundoff of its dtype times
-    |ref|, or half its smallest subnormal where the value underflows, and fp32 intermediates that
-    underflow: 64 fp32 subnormal steps) plus fp32 accumulation errors, bounded by `extra` * eps32
-    * max|ref| of the tensor."""
+def _terms(K: int, Cg: int) -> int:
+    """A bound on the fp32 roundings that reach one result, each relative to the sum of the
+    magnitudes of its terms: its sums (K*K taps for out; up to (K + K//2)^2 (p, t) pairs for dx near
+    clamped borders; Cg channels in dP, K*K taps in sum_t P dP), the K*K-term sum inside every
+    probability, and 16 for the rest (exp, the subtraction of the max, 1/sum, sigmoid, products)."""
+    return (K + K // 2) ** 2 + 2 * K * K + Cg + 16
+
+
+def _tolerance(ref: torch.Tensor, scales: dict, dtype: torch.dtype, terms: int) -> torch.Tensor:
+    """|got - ref| allowed per element: the output's own rounding (unit roundoff u of its dtype
+    times |ref|, or half its smallest subnormal where the value underflows, and fp32 intermediates
+    that underflow: 64 fp32 subnormal steps) plus the fp32 arithmetic: `terms` roundings of eps32
+    each, relative to the sum of the magnitudes of the terms ("scale"), and the rounding of each
+    logit's distance to its pixel's max ("spread"; both from sgdc_kernels.testing.error_scales).
+    16-bit inputs add what v3's tensor cores lose: they keep each weight and g_y as a 16-bit head
+    and remainder, within u^2 relative (2 x 8 significant bits in bfloat16) or half a 16-bit
+    subnormal absolute (a probability below the dtype's normal range), and drop the remainders'
+    product: 3 u^2 of the scale plus half a subnormal times the sum of the other operand's
+    magnitudes over the window ("window") and the number of weights (K*K)."""
     info = torch.finfo(dtype)
-    underflow = info.tiny * info.eps / 2 + 64 * 2.0**-149
-    return UNIT_ROUNDOFF[dtype] * ref.abs() + underflow + extra * FP32_EPS * ref.abs().max()
+    half_subnormal = info.tiny * info.eps / 2
+    fp32 = (terms * FP32_EPS) * scales["scale"] + FP32_EPS * scales["spread"]
+    tol = UNIT_ROUNDOFF[dtype] * ref.abs() + half_subnormal + 64 * 2.0**-149 + fp32
+    if dtype != torch.float32:
+        tol = tol + 3 * UNIT_ROUNDOFF[dtype] ** 2 * scales["scale"] + half_subnormal * (scales["window"] + terms)
+    return tol
 
 
 class Cases:
@@ -113,16 +131,29 @@ class Cases:
         self.cases = {}
 
     def add(
-        self, shape, dtype: str, layout: str, gate: bool, variant: str, scale: float = 30.0, mode: dict | None = None
+        self,
+        shape,
+        dtype: str,
+        layout: str,
+        gate: bool,
+        variant: str,
+        scale: float = 30.0,
+        mode: dict | None = None,
+        edit=None,
     ) -> None:
-        """One case; ``mode``: window_conv's ``dilation``, ``border``, ``normalize`` (default sgdc_conv's)."""
+        """One case; ``mode``: window_conv's ``dilation``, ``border``, ``normalize`` (default sgdc_conv's);
+        ``edit(x, weights, gate)``, if given, changes the float32 inputs in place before they are
+        rounded to the dtype (masked taps, non-finite values)."""
         B, C, H, W, G, K = shape
         dilation, clamp, softmax = mode_args(mode)
         if not softmax:
             scale = min(scale, 1.0)  # raw weights: not logits, keep the sums of the order of the inputs
         cid = f"c{len(self.cases)}"
         fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-        x, k, g = make_inputs(shape, DTYPES[dtype], "cpu", gate=gate, memory_format=fmt, scale=scale)
+        x, k, g = make_inputs(shape, torch.float32, "cpu", gate=gate, memory_format=fmt, scale=scale)
+        if edit is not None:
+            edit(x, k, g)
+        x, k, g = (t.to(DTYPES[dtype]) if t is not None else None for t in (x, k, g))
         dout = torch.randn(x.shape).to(x.dtype).contiguous(memory_format=fmt)
         for suffix, t in (("x", x), ("k", k), ("g", g), ("dout", dout)):
             if t is not None:
@@ -151,17 +182,35 @@ class Cases:
         x, k, g = tensors
         exact = [t.double() if t is not None else None for t in tensors]  # gradients in float64 too
         ref_out, ref_grads = forward_backward(oracle(K, G, mode), exact, dout.double())
-        names = [("out", x, ref_out), ("dx", x, ref_grads[0]), ("dk", k, ref_grads[1])]
-        if g is not None:
-            names.append(("dg", g, ref_grads[2]))
-        for suffix, like, ref in names:
+        # the error scales of each result: its terms, the logits' spread, and (16-bit) the window's
+        # sums of |x| and |g_y|, which are those of raw weights 1
+        raw = {**(mode or {}), "normalize": None}
+        ones = (exact[0], torch.ones_like(exact[1]), exact[2])
+        scales = {
+            "scale": error_scales(exact, dout, K, G, mode),
+            "spread": error_scales(exact, dout, K, G, mode, spread=True),
+            "window": error_scales(ones, dout, K, G, raw),
+        }
+        results = {"out": (x, ref_out, {name: sc[0] for name, sc in scales.items()})}
+        for n, (suffix, like) in enumerate((("dx", x), ("dk", k), ("dg", g))[: len(ref_grads)]):
+            results[suffix] = (like, ref_grads[n], {name: sc[1][n] for name, sc in scales.items()})
+        terms = _terms(K, x.shape[1] // G)
+        for suffix, (like, ref, scale) in results.items():
             got = _from_raw((self.dir / f"{cid}.{suffix}").read_bytes(), like).double()
-            assert not got.isnan().any(), f"{line}: {suffix} has NaN (an element no thread wrote?)"
-            # fp32 sums of K*K taps (out; dx: up to (K + K//2)^2 near clamped borders) and of Cg
-            # channels (dP, inside dweights and dgate)
-            extra = 64.0 * ((K + K // 2) ** 2 + x.shape[1] // G)
-            err = (got - ref).abs()
-            tol = _tolerance(ref, like.dtype, extra)
+            # Outputs start as NaN and the harness checks that each element was stored once: NaN
+            # must stand exactly where the oracle has NaN (masked or non-finite inputs), and
+            # infinities must match.
+            nan = ref.isnan()
+            assert torch.equal(got.isnan(), nan), (
+                f"{line}: {suffix} has NaN at {int((got.isnan() & ~nan).sum())} elements where the oracle "
+                f"has none, and lacks it at {int((nan & ~got.isnan()).sum())} where the oracle has NaN"
+            )
+            inf = ref.isinf()
+            assert torch.equal(got[inf], ref[inf]) and not got[~inf].isinf().any(), f"{line}: {suffix}: infinities"
+            finite = ~nan & ~inf
+            err = torch.where(finite, got - ref, 0.0).abs()
+            ref = torch.where(finite, ref, 0.0)
+            tol = _tolerance(ref, {name: torch.where(finite, t, 0.0) for name, t in scale.items()}, like.dtype, terms)
             if (err > tol).any():
                 worst = int((err - tol).argmax())
                 raise AssertionError(
@@ -251,4 +300,65 @@ def test_window_conv_configurations(harness, tmp_path, dtype):
                 layout = ("nchw", "nhwc")[(n + m) % 2]
                 cases.add(shape, dtype, layout, (n + m + K) % 2 == 0, "v2", 4.0, mode)
     cases.add((1, 34, 18, 41, 2, 7), dtype, "nhwc", True, "v2", 4.0, dict(border="clamp"))  # chunks, tiles
+    cases.run(harness)
+
+
+def _non_finite_edits(shape) -> dict:
+    """Changes of the inputs (x, weights, gate) that docs/op.md's "Non-finite inputs" defines: masked
+    taps (logit -inf; the first tap of every pixel and about 30% of the others), a pixel
+    of each head whose taps are all masked (NaN there, as torch.softmax gives), and NaN, +inf, -inf
+    in x and in the gate."""
+    B, C, H, W, G, K = shape
+    KK = K * K
+
+    def masked(x, k, g):
+        k[torch.rand(k.shape) < 0.3] = float("-inf")
+        for h in range(G):
+            k[:, h * KK] = float("-inf")
+
+    def all_masked(x, k, g):
+        masked(x, k, g)
+        for h in range(G):
+            k[0, h * KK : (h + 1) * KK, H // 2, W - 1] = float("-inf")
+
+    def x_non_finite(x, k, g):
+        x[0, 0, H // 2, W // 2] = float("nan")
+        x[0, C - 1, 0, W - 1] = float("inf")
+        x[0, C // 2, H - 1, 0] = float("-inf")
+
+    def gate_non_finite(x, k, g):
+        g[0, 0, H // 2, W // 2] = float("nan")
+        g[0, C - 1, 0, W - 1] = float("inf")
+        g[0, C // 2, H - 1, 0] = float("-inf")
+
+    return {"masked": masked, "all_masked": all_masked, "x": x_non_finite, "gate": gate_non_finite}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_masked_taps_and_non_finite_inputs(harness, tmp_path, variant, dtype):
+    """Masked taps give finite results and zero gradients for them, a pixel with every tap masked
+    gives NaN where the oracle (torch.softmax) does, and NaN and infinities in x and the gate reach
+    exactly the results the oracle's arithmetic sends them to, in every variant (v3's tensor cores
+    for 16-bit K <= 9 included) and, in v2, every configuration; logits of magnitude 1e4 too."""
+    cases = Cases(tmp_path)
+    shapes = [(1, 20, 9, 37, 2, 3), (1, 6, 5, 7, 2, 7), (1, 18, 10, 17, 1, 9), (1, 4, 6, 9, 1, 13)]
+    for n, shape in enumerate(shapes):
+        for m, (name, edit) in enumerate(_non_finite_edits(shape).items()):
+            # logits scaled by 4 with infinities in x: no probability near float32's underflow, where
+            # an infinity times a probability that is 0 in float32 but not in float64 gives NaN
+            # instead of the oracle's infinity (docs/op.md)
+            layout = ("nchw", "nhwc")[(n + m) % 2]
+            cases.add(shape, dtype, layout, True, variant, 4.0 if name == "x" else 30.0, edit=edit)
+        cases.add(
+            shape, dtype, ("nhwc", "nchw")[n % 2], n % 2 == 0, variant, 1e4, edit=_non_finite_edits(shape)["masked"]
+        )
+    if variant == "v2":
+        for n, mode in enumerate(MODES):
+            d = mode["dilation"]
+            shape = (1, 6, 3 * d + 2, 3 * d + 9, 2, 3)
+            for m, (name, edit) in enumerate(_non_finite_edits(shape).items()):
+                if mode["normalize"] is None and name in ("masked", "all_masked"):
+                    continue  # raw weights: no softmax, no masked taps
+                cases.add(shape, dtype, ("nchw", "nhwc")[(n + m) % 2], True, "v2", 4.0, mode, edit)
     cases.run(harness)

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sgdc_kernels import SGDC, SGE, LayerNorm2d
+from sgdc_kernels import SGDC, SGE, LayerNorm2d, modules, sgdc_conv
 from sgdc_kernels.modules import SOBEL_X, SOBEL_Y
+from sgdc_kernels.testing import check_tensors
 
 
 class ReleasedLayerNorm2d(nn.Module):
@@ -223,7 +224,9 @@ def test_layernorm2d_matches_channel_statistics():
 
 
 def test_sgdc_drop_path_and_channels_last():
-    m = SGDC(8, 4, 2, 3, drop_path=0.5, backend="torch")
+    # ls_init=1: the op's contribution is of the order of the output (at the default 1e-6 it would
+    # sit below the tolerance, and a wrong op in channels_last would pass)
+    m = SGDC(8, 4, 2, 3, drop_path=0.5, ls_init=1.0, backend="torch")
     x, g = torch.randn(4, 8, 6, 6), torch.randn(4, 4, 3, 3)
     m.eval()
     torch.testing.assert_close(m(x, g), m(x, g))  # no randomness in eval
@@ -242,9 +245,19 @@ def test_sgdc_rejects_bad_config():
         SGDC(8, num_heads=4, kernel_size=4)
 
 
-def test_sgdc_under_autocast():
+def test_sgdc_under_autocast(monkeypatch):
     # Inside autocast, LayerNorm gives float32 and the 1x1 convolutions bfloat16: sgdc_conv must
-    # run in the autocast dtype rather than reject the mix.
+    # run in the autocast dtype rather than reject the mix, and be as accurate there as bfloat16
+    # allows: the op's own call, forward and gradients, against the float64 oracle on the very
+    # bfloat16 inputs it ran on, with bfloat16's tolerances.
+    calls = []
+
+    def recording(*args, **kwargs):
+        out = sgdc_conv(*args, **kwargs)
+        calls.append((args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(modules, "sgdc_conv", recording)
     m = SGDC(8, 4, 2, 3, ls_init=1.0, backend="torch")
     x, g = torch.randn(2, 8, 6, 6, requires_grad=True), torch.randn(2, 4, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -252,3 +265,9 @@ def test_sgdc_under_autocast():
     out.float().sum().backward()
     assert torch.isfinite(x.grad).all()
     torch.testing.assert_close(out.float(), m(x, g), atol=0.1, rtol=0.05)
+
+    (inputs, kwargs, op_out), _ = calls  # under autocast, then in float32
+    assert op_out.dtype == torch.bfloat16 and kwargs == dict(kernel_size=3, num_heads=2, backend="torch")
+    inputs = [t.detach().to(torch.bfloat16) for t in inputs]
+    assert torch.equal(op_out, sgdc_conv(*inputs, **kwargs))
+    check_tensors("torch", inputs, 3, 2)

@@ -7,7 +7,15 @@ import torch
 
 import sgdc_kernels
 from sgdc_kernels import BackendUnavailableError, available_backends, get_backend, sgdc_conv
-from sgdc_kernels.testing import check_backend, check_tensors, make_inputs
+from sgdc_kernels.testing import (
+    assert_close,
+    backend_fn,
+    check_backend,
+    check_tensors,
+    forward_backward,
+    gather_reference,
+    make_inputs,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -46,7 +54,37 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
 def test_matches_float64_oracle(device, backend, dtype, shape, with_gate):
-    check_backend(backend, shape, dtype, device, gate=with_gate)
+    if backend == "unfold" and dtype == torch.float64:
+        # unfold in float64 is the oracle itself: check it against the independent reference
+        check_against_gather_reference(shape, device, with_gate)
+    else:
+        check_backend(backend, shape, dtype, device, gate=with_gate)
+
+
+def check_against_gather_reference(shape, device, with_gate):
+    """`unfold` in float64 against sgdc_kernels.testing.gather_reference, written from the
+    definition without F.unfold: forward and every gradient."""
+    *_, G, K = shape
+    tensors = make_inputs(shape, torch.float64, device, gate=with_gate)
+    grad_out = torch.randn_like(tensors[0])
+    out, grads = forward_backward(backend_fn("unfold", K, G), tensors, grad_out)
+    ref, ref_grads = forward_backward(lambda *t: gather_reference(*t, K, G), tensors, grad_out)
+    assert_close(out, ref, torch.float64, "out")
+    for name, got, want in zip(("d_x", "d_weights", "d_gate"), grads, ref_grads):
+        assert_close(got, want, torch.float64, name)
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs Triton's interpreter")
+@pytest.mark.parametrize("variant", ["v1", "v2dot"], ids=["taps", "band"])
+@pytest.mark.parametrize(
+    "shape,with_gate",
+    [(SHAPES[1], True), (SHAPES[1], False), ((1, 2, 4, 5, 1, 13), True)],
+    ids=["5-gate", "5", "13-gate"],
+)
+def test_triton_interpreter_at_kernel_sizes_5_and_13(variant, shape, with_gate):
+    """The triton kernels (both families: the per-tap ones of v1 and the band ones of v2dot) at
+    K = 5 and 13, which tests/test_triton.py does not run, on tiny shapes through the interpreter."""
+    check_backend(f"triton@{variant}", shape, gate=with_gate)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,12 +9,16 @@ import torch
 from sgdc_kernels import available_backends, sgdc_conv, window_conv
 from sgdc_kernels.compat import na2d_av
 from sgdc_kernels.testing import (
+    assert_close,
     check_backend,
     forward_backward,
     gather_reference,
     make_inputs,
     oracle,
 )
+
+# The triton kernels through the interpreter where it runs: the per-tap ones (v1) and the band ones (v2dot)
+TRITON_CPU = ["triton@v1", "triton@v2dot"] if "triton" in available_backends("cpu") else []
 
 MODES = [
     dict(dilation=d, border=b, normalize=n)
@@ -69,6 +73,23 @@ def test_backends_match_the_oracle(backend, mode, K, dtype):
         pytest.skip("unfold computes in the input's dtype: its 16-bit accuracy is tested in test_ops.py")
     layout = torch.channels_last if K == 5 else torch.contiguous_format
     check_backend(backend, _shape(K, mode["dilation"]), dtype, mode=mode, memory_format=layout, gate=K != 13)
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs Triton's interpreter")
+@pytest.mark.parametrize("variant", ["v1", "v2dot"], ids=["taps", "band"])
+@pytest.mark.parametrize("mode", MODES, ids=_id)
+@pytest.mark.parametrize("K", [5, 13])
+def test_triton_interpreter_matches_the_oracle(variant, mode, K):
+    """The triton kernels (the per-tap ones of v1, the band ones of v2dot) at K = 5 and 13 in every
+    configuration, through the interpreter: one head of two channels, the smallest image
+    (clamped windows: K * dilation plus a ragged margin; centred ones: below K)."""
+    d = mode["dilation"]
+    if K == 13 and d == 2 and mode["border"] == "clamp":
+        pytest.skip("a 26 x 27 image takes a minute in the interpreter; dilated clamped windows run at K = 5 here")
+    n = K * d if mode["border"] == "clamp" else 3
+    shape = (1, 2, n, n + 1, 1, K)
+    layout = torch.channels_last if K == 5 else torch.contiguous_format
+    check_backend(f"triton@{variant}", shape, mode=mode, memory_format=layout, gate=K == 5)
 
 
 @pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b in ("torch", "cpu")])
@@ -148,6 +169,31 @@ def test_na2d_av_matches_the_definition(K, d):
     torch.testing.assert_close(out, ref)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "triton"] + TRITON_CPU)
+def test_na2d_av_masked_and_non_finite(backend):
+    """docs/op.md's "Non-finite inputs" through na2d_av: attention softmaxed with masked taps (exact
+    zeros), a pixel with every tap masked (NaN weights), NaN and infinities in the values; forward
+    and gradients against the independent gather, NaN exactly where it has NaN."""
+    K, d = 3, 2
+    logits = torch.randn(1, 2, K * d + 1, K * d + 2, K * K)
+    logits[torch.rand(logits.shape) < 0.3] = float("-inf")
+    logits[..., 0] = float("-inf")
+    logits[0, 1, 2, 3] = float("-inf")
+    attn = logits.softmax(-1)
+    value = torch.randn(1, 2, K * d + 1, K * d + 2, 3)
+    value[0, 0, 1, 1, 0] = float("nan")
+    value[0, 1, 4, 6, 2] = float("inf")
+    value[0, 1, 0, 7, 1] = float("-inf")
+    grad = torch.randn_like(value)
+    out, grads = forward_backward(lambda a, v: na2d_av(a, v, K, d, backend=backend), (attn, value), grad)
+    ref, ref_grads = forward_backward(
+        lambda a, v: _natten_reference(a, v, K, d), (attn.double(), value.double()), grad.double()
+    )
+    assert_close(out, ref, torch.float32, "out")
+    for name, got, want in zip(("d_attn", "d_value"), grads, ref_grads):
+        assert_close(got, want, torch.float32, name)
 
 
 def test_na2d_av_accepts_natten_argument_forms():

@@ -169,26 +169,26 @@ def sgdc_triton_backward(
         return dx, dweights, dgate
     B, _, H, W = x.shape
     geo = _geometry(x, weights, num_heads)
-    # Scratch: the per-pixel log-sum-exp (written and read with the softmax only), g_y when
-    # gated, and for the taps kernels dP (fp32, the weights' shape).
-    lse = torch.empty((B * num_heads, H * W), dtype=torch.float32, device=x.device)
+    # Scratch: the per-pixel softmax statistics (max, 1/sum; written and read with the softmax
+    # only), g_y when gated, and for the taps kernels dP (fp32, the weights' shape).
+    stats = torch.empty((B * num_heads, H * W, 2), dtype=torch.float32, device=x.device)
     g_y = torch.empty_like(x) if gate is not None else grad_out
     consts = _consts(kernel_size, gate, dilation, clamp, softmax)
     mode = {k: consts[k] for k in ("K", "D", "CLAMP", "SOFTMAX")}
     # Without a gate (HAS_GATE false) the kernels never touch g_ptr and dg_ptr: x and dx stand in.
     gate_arg, dgate_arg = (gate, dgate) if gate is not None else (x, dx)
     head_args = (grad_out, x, weights, gate_arg, dweights, dgate_arg, g_y)
-    dx_args = (g_y, weights, lse, dx, *geo)
+    dx_args = (g_y, weights, stats, dx, *geo)
     if kernel_family(variant, x.dtype) == "band":
         blocks = _dot_blocks(geo[2], kernel_size, x.dtype)
         grid = _segment_grid(x, num_heads, dilation)
         split = x.dtype != torch.float32 and softmax  # raw 16-bit weights are exact in 16 bits
-        _launch(_sgdc_bwd_dot_kernel, grid, *head_args, lse, *geo, **consts, **blocks, SPLIT=split)
+        _launch(_sgdc_bwd_dot_kernel, grid, *head_args, stats, *geo, **consts, **blocks, SPLIT=split)
         dx_blocks = {**blocks, "HALO": _dx_halo(blocks, kernel_size, clamp)}
         _launch(_sgdc_bwd_dx_dot_kernel, grid, *dx_args, **mode, **dx_blocks)
         return dx, dweights, dgate
     dp = torch.empty_like(weights, dtype=torch.float32)
-    taps_args = (*head_args, dp, lse, *geo)
+    taps_args = (*head_args, dp, stats, *geo)
     grid = _grid(x, num_heads)
     if AUTOTUNE:
         _launch(_taps_tuned, grid, *taps_args, **consts)

@@ -53,15 +53,15 @@ def _kernels(config: str, dtype: str):
     taps_params = {**ops._blocks(C // G, H * W), **mode}
     band_params = {**ops._dot_blocks(C // G, K, torch_dtype), **mode, "SPLIT": dtype != "fp32" and softmax}
     band_dx_params = {**band_params, "HALO": ops._dx_halo(band_params, K, clamp)}
-    lse, dp = ("lse_ptr", "fp32"), ("dp_ptr", "fp32")
+    stats, dp = ("stats_ptr", "fp32"), ("dp_ptr", "fp32")
     yield "v1 forward", taps._sgdc_fwd_kernel, ["x_ptr", "w_ptr", "g_ptr", "out_ptr"], taps_params
     yield "v1 backward taps", taps._sgdc_bwd_taps_kernel, ["dout_ptr", "x_ptr", "w_ptr", "g_ptr", "dw_ptr", "dg_ptr",
-                                                           "gy_ptr", dp, lse], taps_params  # fmt: skip
-    yield "v1 backward dx", taps._sgdc_bwd_dx_kernel, ["gy_ptr", "w_ptr", lse, "dx_ptr"], taps_params
+                                                           "gy_ptr", dp, stats], taps_params  # fmt: skip
+    yield "v1 backward dx", taps._sgdc_bwd_dx_kernel, ["gy_ptr", "w_ptr", stats, "dx_ptr"], taps_params
     yield "band forward", band._sgdc_fwd_dot_kernel, ["x_ptr", "w_ptr", "g_ptr", "out_ptr"], band_params
     yield "band backward", band._sgdc_bwd_dot_kernel, ["dout_ptr", "x_ptr", "w_ptr", "g_ptr", "dw_ptr", "dg_ptr",
-                                                       "gy_ptr", lse], band_params  # fmt: skip
-    yield "band backward dx", band._sgdc_bwd_dx_dot_kernel, ["gy_ptr", "w_ptr", lse, "dx_ptr"], band_dx_params
+                                                       "gy_ptr", stats], band_params  # fmt: skip
+    yield "band backward dx", band._sgdc_bwd_dx_dot_kernel, ["gy_ptr", "w_ptr", stats, "dx_ptr"], band_dx_params
 
 
 def _integer_arguments(shape, layout: str) -> dict:

@@ -7,17 +7,18 @@ starts at an offset from it (-R*D when centred; per pixel, computed once per til
 tap (u, v) D*(u, v) further. A program computes the softmax statistics of its pixels once (the
 log-sum-exp over the KK logits), keeps them in registers, and loops over the head's channels in
 blocks of BLOCK_C, adding one shifted (BLOCK_C, BLOCK_P) load per tap; the probability of a tap is
-recomputed as exp(logit - lse) where it is needed, so no K*K-fold tensor ever exists.
+recomputed as exp(logit - max) / sum from the statistics (max, 1/sum) where it is needed, so no
+K*K-fold tensor ever exists.
 
 Backward, deterministic (no atomics), in two kernels:
   1. ``_sgdc_bwd_taps_kernel``, over output pixels: g_y = dout * sigmoid(gate); for every tap,
      dP[t] = sum_c g_y * x_t (accumulated over channel blocks in an fp32 buffer of the weights'
      shape, owned by the program); y = sum_t P[t] * x_t gives dgate = dout * y * s * (1 - s); then
-     dweights = P * (dP - sum_t P * dP). It also writes the per-pixel log-sum-exp (B*G*HW floats)
-     and, when there is a gate, g_y (x's size) for kernel 2.
+     dweights = P * (dP - sum_t P * dP). It also writes the per-pixel softmax statistics
+     (max, 1/sum: 2*B*G*HW floats) and, when there is a gate, g_y (x's size) for kernel 2.
   2. ``_sgdc_bwd_dx_kernel``, a gather over input pixels q:
      dx[c, q] = sum_t P[t, q - off_t] * g_y[c, q - off_t], with P rebuilt from the weights and the
-     lse. Clamped windows: near a border more than K output pixels per axis read q (up to 2K - 1),
+     statistics. Clamped windows: near a border more than K output pixels per axis read q (up to 2K - 1),
      so the gather scans the (2K - 1)^2 output pixels of q's residue class around it, masked to
      those whose window holds q, and skips the candidate rows that hold no window over any pixel of
      the tile (K + rows - 1 of the 2K - 1 remain for a tile of a few rows): about 2x the work of
@@ -30,23 +31,28 @@ kernels are autotuned instead (once per shape key, cached by triton.autotune).
 import triton
 import triton.language as tl
 
-from .common import _clamp_offset, _load_tile_fp32, _prob, _weight
+from .common import _clamp_offset, _load_stats, _load_tile_fp32, _prob, _store_stats, _weight
 
 
 @triton.jit
-def _softmax_lse(w_base, swc, swp, offs_p, mask_p, KK: tl.constexpr, BLOCK_P: tl.constexpr, SOFTMAX: tl.constexpr):
-    """log(sum_t exp(logit_t)) per pixel, by an online max/sum over the KK taps (fp32); 0
-    (unused) with raw weights."""
+def _softmax_stats(w_base, swc, swp, offs_p, mask_p, KK: tl.constexpr, BLOCK_P: tl.constexpr, SOFTMAX: tl.constexpr):
+    """The softmax statistics (m, inv) per pixel: m the max of the KK logits and inv = 1 / sum_t
+    exp(logit_t - m), by an online max/sum (fp32); (0, 1), unused, with raw weights. Masked taps
+    (logit -inf) add nothing: while every logit so far is -inf the sum is rescaled against 0
+    instead of the running max, whose exp(m - m_new) would be exp(-inf + inf) = NaN. A pixel whose
+    logits are all -inf gets (-inf, inf), and its probabilities exp(-inf + inf) * inf are NaN, as
+    torch.softmax gives."""
     if not SOFTMAX:
-        return tl.zeros([BLOCK_P], tl.float32)
+        return tl.zeros([BLOCK_P], tl.float32), tl.full([BLOCK_P], 1.0, tl.float32)
     m = tl.full([BLOCK_P], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_P], tl.float32)
     for t in range(KK):
         logit = tl.load(w_base + t * swc + offs_p * swp, mask=mask_p, other=0.0).to(tl.float32)
         m_new = tl.maximum(m, logit)
-        s = s * tl.exp(m - m_new) + tl.exp(logit - m_new)
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite unless a logit is +inf
+        s = s * tl.exp(m - ref) + tl.exp(logit - ref)
         m = m_new
-    return m + tl.log(s)
+    return m, 1.0 / s
 
 
 @triton.jit
@@ -82,7 +88,7 @@ def _sgdc_fwd_kernel(
     R: tl.constexpr = K // 2
     _pid_bh, b, h, offs_p, mask_p, i, j = _pixel_tile(H, W, G, BLOCK_P)
     w_base = w_ptr + b * swb + h * KK * swc
-    lse = _softmax_lse(w_base, swc, swp, offs_p, mask_p, KK, BLOCK_P, SOFTMAX)
+    m, inv = _softmax_stats(w_base, swc, swp, offs_p, mask_p, KK, BLOCK_P, SOFTMAX)
     head = b * sxb + h * CG * sxc
     if CLAMP:
         di, dj = _clamp_offset(i, H, K, D), _clamp_offset(j, W, K, D)
@@ -97,7 +103,7 @@ def _sgdc_fwd_kernel(
                     src, ok = _shifted(offs_p, i, j, mask_p, di + u * D, dj + v * D, H, W)
                 else:
                     src, ok = _shifted(offs_p, i, j, mask_p, (u - R) * D, (v - R) * D, H, W)
-                prob = _weight(w_base + (u * K + v) * swc, offs_p, swp, mask_p, lse, SOFTMAX)
+                prob = _weight(w_base + (u * K + v) * swc, offs_p, swp, mask_p, m, inv, SOFTMAX)
                 acc += prob[None, :] * _load_tile_fp32(x_ptr + head, offs_c, sxc, src, sxp, mask_c, ok)
         here = head + offs_c[:, None] * sxc + offs_p[None, :] * sxp
         mask = mask_c[:, None] & mask_p[None, :]
@@ -108,7 +114,7 @@ def _sgdc_fwd_kernel(
 
 @triton.jit
 def _sgdc_bwd_taps_kernel(
-    dout_ptr, x_ptr, w_ptr, g_ptr, dw_ptr, dg_ptr, gy_ptr, dp_ptr, lse_ptr,
+    dout_ptr, x_ptr, w_ptr, g_ptr, dw_ptr, dg_ptr, gy_ptr, dp_ptr, stats_ptr,
     H, W, CG, G,
     sxb, sxc, sxp, swb, swc, swp,
     K: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -118,9 +124,9 @@ def _sgdc_bwd_taps_kernel(
     R: tl.constexpr = K // 2
     pid_bh, b, h, offs_p, mask_p, i, j = _pixel_tile(H, W, G, BLOCK_P)
     w_off = b * swb + h * KK * swc  # shared by weights, dweights and the dP buffer
-    lse = _softmax_lse(w_ptr + w_off, swc, swp, offs_p, mask_p, KK, BLOCK_P, SOFTMAX)
+    m, inv = _softmax_stats(w_ptr + w_off, swc, swp, offs_p, mask_p, KK, BLOCK_P, SOFTMAX)
     if SOFTMAX:
-        tl.store(lse_ptr + pid_bh.to(tl.int64) * H * W + offs_p, lse, mask=mask_p)
+        _store_stats(stats_ptr, pid_bh, H * W, offs_p, mask_p, m, inv)
     head = b * sxb + h * CG * sxc
     if CLAMP:
         di, dj = _clamp_offset(i, H, K, D), _clamp_offset(j, W, K, D)
@@ -152,7 +158,8 @@ def _sgdc_bwd_taps_kernel(
                 dp += tl.load(dp_ptrs, mask=mask_p & (c0 > 0), other=0.0)
                 tl.store(dp_ptrs, dp, mask=mask_p)
                 if HAS_GATE:
-                    y += _weight(w_ptr + w_off + (u * K + v) * swc, offs_p, swp, mask_p, lse, SOFTMAX)[None, :] * xs
+                    w = _weight(w_ptr + w_off + (u * K + v) * swc, offs_p, swp, mask_p, m, inv, SOFTMAX)
+                    y += w[None, :] * xs
         if HAS_GATE:
             dgate = dout * y * sg * (1.0 - sg)
             tl.store(dg_ptr + here, dgate.to(dg_ptr.dtype.element_ty), mask=mask)
@@ -162,10 +169,10 @@ def _sgdc_bwd_taps_kernel(
         pdp = tl.zeros([BLOCK_P], tl.float32)
         for t in range(KK):
             dp = tl.load(dp_ptr + w_off + t * swc + offs_p * swp, mask=mask_p, other=0.0)
-            pdp += _prob(w_ptr + w_off + t * swc, offs_p, swp, mask_p, lse) * dp
+            pdp += _prob(w_ptr + w_off + t * swc, offs_p, swp, mask_p, m, inv) * dp
         for t in range(KK):
             dp = tl.load(dp_ptr + w_off + t * swc + offs_p * swp, mask=mask_p, other=0.0)
-            dw = _prob(w_ptr + w_off + t * swc, offs_p, swp, mask_p, lse) * (dp - pdp)
+            dw = _prob(w_ptr + w_off + t * swc, offs_p, swp, mask_p, m, inv) * (dp - pdp)
             tl.store(dw_ptr + w_off + t * swc + offs_p * swp, dw.to(dw_ptr.dtype.element_ty), mask=mask_p)
     else:  # raw weights: dweights = dP
         for t in range(KK):
@@ -174,19 +181,19 @@ def _sgdc_bwd_taps_kernel(
 
 
 @triton.jit
-def _dx_tap(acc, gy_head, offs_c, sxc, sxp, mask_c, tap_ptr, p, swp, ok, lse_base, SOFTMAX: tl.constexpr):
+def _dx_tap(acc, gy_head, offs_c, sxc, sxp, mask_c, tap_ptr, p, swp, ok, stats_base, SOFTMAX: tl.constexpr):
     """acc + w * g_y of the output pixels ``p`` (where ``ok``) whose tap at ``tap_ptr`` read x here."""
     if SOFTMAX:
-        lse = tl.load(lse_base + p, mask=ok, other=0.0)
+        m, inv = _load_stats(stats_base, p, ok)
     else:
-        lse = 0.0
-    prob = _weight(tap_ptr, p, swp, ok, lse, SOFTMAX)
+        m, inv = 0.0, 1.0
+    prob = _weight(tap_ptr, p, swp, ok, m, inv, SOFTMAX)
     return acc + prob[None, :] * _load_tile_fp32(gy_head, offs_c, sxc, p, sxp, mask_c, ok)
 
 
 @triton.jit
 def _sgdc_bwd_dx_kernel(
-    gy_ptr, w_ptr, lse_ptr, dx_ptr,
+    gy_ptr, w_ptr, stats_ptr, dx_ptr,
     H, W, CG, G,
     sxb, sxc, sxp, swb, swc, swp,
     K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -201,7 +208,7 @@ def _sgdc_bwd_dx_kernel(
     R: tl.constexpr = K // 2
     pid_bh, b, h, offs_q, mask_q, i, j = _pixel_tile(H, W, G, BLOCK_P)
     w_base = w_ptr + b * swb + h * KK * swc
-    lse_base = lse_ptr + pid_bh.to(tl.int64) * H * W
+    stats_base = stats_ptr + pid_bh.to(tl.int64) * H * W * 2
     head = b * sxb + h * CG * sxc
 
     for c0 in range(0, CG, BLOCK_C):
@@ -222,7 +229,7 @@ def _sgdc_bwd_dx_kernel(
                         tv = -dv - _clamp_offset(j + dv, W, K, D)
                         p, ok = _shifted(offs_q, i, j, row_ok & (tv >= 0) & (tv < K * D), du, dv, H, W)
                         tap_ptr = w_base + ((tu // D) * K + tv // D) * swc
-                        acc = _dx_tap(acc, gy_ptr + head, offs_c, sxc, sxp, mask_c, tap_ptr, p, swp, ok, lse_base,
+                        acc = _dx_tap(acc, gy_ptr + head, offs_c, sxc, sxp, mask_c, tap_ptr, p, swp, ok, stats_base,
                                       SOFTMAX)  # fmt: skip
         else:
             for u in range(K):
@@ -230,6 +237,8 @@ def _sgdc_bwd_dx_kernel(
                     # the output pixel p = q - off_t whose tap t read x at q
                     p, ok = _shifted(offs_q, i, j, mask_q, (R - u) * D, (R - v) * D, H, W)
                     tap_ptr = w_base + (u * K + v) * swc
-                    acc = _dx_tap(acc, gy_ptr + head, offs_c, sxc, sxp, mask_c, tap_ptr, p, swp, ok, lse_base, SOFTMAX)
+                    acc = _dx_tap(
+                        acc, gy_ptr + head, offs_c, sxc, sxp, mask_c, tap_ptr, p, swp, ok, stats_base, SOFTMAX
+                    )
         here = head + offs_c[:, None] * sxc + offs_q[None, :] * sxp
         tl.store(dx_ptr + here, acc.to(dx_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_q[None, :])

@@ -179,6 +179,19 @@ __device__ __forceinline__ float2 softmax_taps(TapsT& P, const Params<T>& p, con
   return make_float2(mx, inv);
 }
 
+// The softmax statistics (max, 1/sum) of the K*K logits of pixel (i, j) of the head whose first
+// logit channel is kc0, computed as softmax_taps computes them, from global memory.
+template <typename T, bool CL>
+__device__ __forceinline__ float2 softmax_stats(const Params<T>& p, const Dense4<CL>& ki, int64_t b, int64_t kc0,
+                                                int K, int i, int j) {
+  const int KK = K * K;
+  float mx = -INFINITY;
+  for (int t = 0; t < KK; ++t) mx = fmaxf(mx, static_cast<float>(p.weights[ki(b, kc0 + t, i, j)]));
+  float sum = 0.f;
+  for (int t = 0; t < KK; ++t) sum += __expf(static_cast<float>(p.weights[ki(b, kc0 + t, i, j)]) - mx);
+  return make_float2(mx, 1.f / sum);
+}
+
 // The weight of logit channel kc at pixel (i, j): rebuilt from the logit and the pixel's softmax
 // statistics, or the weight as given.
 template <typename T, bool CL>

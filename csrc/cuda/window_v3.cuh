@@ -154,6 +154,43 @@ constexpr size_t smem_bytes(int K) {
   return probs > halo + stage ? probs : halo + stage;
 }
 
+// One result of window_v3, channel c at pixel (i, j), by the definition, one tap at a time in fp32:
+// what replaces the tensor cores' result where that is not finite. A non-finite x or g_y anywhere
+// in an n-tile's halo reaches every pixel of the n-tile through the band's zeros (0 * inf = NaN),
+// and the weights' split turns an infinite product into NaN (inf * head - inf * |remainder|), so
+// a result that is finite is the band's, and one that is not is recomputed from its own taps only
+// (docs/op.md, "Non-finite inputs"). Forward: sum_t P[t] x (zeros outside the image), P from the
+// pixel's logits; dx: sum_t P[t, p] g_y[p] over the output pixels p = (i, j) - (u - R, v - R) in
+// the image, with g_y = dout * sigmoid(gate) and P rebuilt from p's statistics.
+template <Mode M, int KT, typename T, bool CL>
+__device__ float exact_result(const Params<T>& p, const Dense4<CL>& xi, const Dense4<CL>& ki, int64_t b,
+                              int64_t c, int64_t kc0, int64_t sbase, int i, int j) {
+  constexpr int R = KT / 2;
+  float acc = 0.f;
+  if constexpr (M == Mode::kForward) {
+    const float2 st = softmax_stats(p, ki, b, kc0, KT, i, j);
+    for (int u = 0; u < KT; ++u)
+      for (int v = 0; v < KT; ++v) {
+        const int ii = i + u - R, jj = j + v - R;
+        const bool in = ii >= 0 && ii < p.H && jj >= 0 && jj < p.W;
+        const float xv = in ? static_cast<float>(p.src[xi(b, c, ii, jj)]) : 0.f;
+        const float w = __expf(static_cast<float>(p.weights[ki(b, kc0 + u * KT + v, i, j)]) - st.x) * st.y;
+        acc = fmaf(w, xv, acc);
+      }
+  } else {
+    for (int u = 0; u < KT; ++u)
+      for (int v = 0; v < KT; ++v) {
+        const int pi = i - u + R, pj = j - v + R;
+        if (pi < 0 || pi >= p.H || pj < 0 || pj >= p.W) continue;
+        const int64_t off = xi(b, c, pi, pj);
+        float gy = static_cast<float>(p.src[off]);
+        if (p.gate != nullptr) gy *= sigmoidf(static_cast<float>(p.gate[off]));
+        acc = fmaf(tap_weight(p, ki, b, kc0 + u * KT + v, sbase, pi, pj), gy, acc);
+      }
+  }
+  return acc;
+}
+
 // Forward (kForward) and dx (kGradInput) on the tensor cores.
 //
 // Forward: out[c, q] = sum_(u,v) P[(u,v), q] x[c, q + (u-R, v-R)]: tap row u of warp w reads tile
@@ -276,8 +313,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1) window_v3(const Params<T> p) {
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float* slot = stage + (gid + (e >= 2 ? 8 : 0)) * kTP + warp * kTW + nt * 8 + 2 * tig + (e & 1);
-        *slot = !kDx && gated ? acc[nt][e] * *slot : acc[nt][e];
+        const int c = gid + (e >= 2 ? 8 : 0), col = nt * 8 + 2 * tig + (e & 1);
+        const int i = i0 + warp, j = j0 + col;
+        float r = acc[nt][e];
+        if (!(fabsf(r) < INFINITY) && c < cn && i < p.H && j < p.W)
+          r = exact_result<M, KT>(p, xi, ki, b, c0 + c, kc0, sbase, i, j);
+        float* slot = stage + c * kTP + warp * kTW + col;
+        *slot = !kDx && gated ? r * *slot : r;
       }
     __syncthreads();
     v2::store_tile<kWarps, kTW, CL, NT>(p.out, stage, kCH, xi, b, c0, cn, plain_axis(p.H, KT), i0,
