@@ -185,8 +185,8 @@ def _copy_tracked(dest: Path) -> Path:
 @pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch at build time")
 def test_a_toolkit_of_another_cuda_major_builds_the_schemas_only_and_says_why(tmp_path):
     """What pip's isolated build does where its torch is built for another CUDA major than the
-    local toolkit: one line saying so, the schemas only (recorded for the loader), and a loud
-    failure with FORCE_CUDA=1. setup.py decides when it is loaded, so `setup.py --version` shows it."""
+    local toolkit: one line saying so, the schemas only, and a loud failure with FORCE_CUDA=1.
+    setup.py decides when it is loaded, so `setup.py --version` shows it."""
     checkout = _copy_tracked(tmp_path / "checkout")
     other = 12 if int(torch.version.cuda.split(".")[0]) != 12 else 13
     nvcc = tmp_path / "cuda" / "bin" / "nvcc"
@@ -202,8 +202,6 @@ def test_a_toolkit_of_another_cuda_major_builds_the_schemas_only_and_says_why(tm
     assert len(said) == 1, said
     assert "without CUDA kernels" in said[0] and f"is CUDA {other}.0, another major version" in said[0], said
     assert f"built for CUDA {torch.version.cuda}" in said[0] and "pip install --no-build-isolation ." in said[0]
-    config = (checkout / "sgdc_kernels" / "_build_config.py").read_text()
-    assert "KERNELS = False" in config and "TORCH_TARGET = '2.10'" in config, config
     res = subprocess.run(setup, cwd=checkout, env={**env, "FORCE_CUDA": "1"}, capture_output=True, text=True)
     assert res.returncode != 0 and "FORCE_CUDA=1 but the CUDA kernels cannot be built" in res.stderr, res.stderr[-2000:]
 
