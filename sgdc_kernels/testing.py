@@ -29,6 +29,16 @@ TOLERANCES = {
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
 
+# One window_conv call per kind of configuration (keyword arguments), for the tests of the export
+# paths (ONNX, AOTInductor): both borders, raw weights, dilation, K=1, one head and several.
+EXPORT_CONFIGS = (
+    dict(kernel_size=3, num_heads=2),
+    dict(kernel_size=5, num_heads=2, border="clamp", normalize=None),
+    dict(kernel_size=3, num_heads=1, dilation=2),
+    dict(kernel_size=3, num_heads=2, dilation=2, border="clamp"),
+    dict(kernel_size=1, num_heads=2, normalize=None),
+)
+
 
 def make_inputs(
     shape: Sequence[int],

@@ -11,6 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from sgdc_kernels import SGDC, window_conv  # noqa: E402
 from sgdc_kernels.compat import na2d_av  # noqa: E402
+from sgdc_kernels.testing import EXPORT_CONFIGS  # noqa: E402
 
 ATOL = RTOL = 1e-5
 
@@ -39,16 +40,7 @@ class WindowConv(torch.nn.Module):
         return window_conv(x, weights, gate, **self.config)
 
 
-CONFIGS = [
-    dict(kernel_size=3, num_heads=2),
-    dict(kernel_size=5, num_heads=2, border="clamp", normalize=None),
-    dict(kernel_size=3, num_heads=1, dilation=2),
-    dict(kernel_size=3, num_heads=2, dilation=2, border="clamp"),
-    dict(kernel_size=1, num_heads=2, normalize=None),
-]
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("config", EXPORT_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_window_conv_exports_with_dynamic_axes(config, tmp_path):
     K, G, d = config["kernel_size"], config["num_heads"], config.get("dilation", 1)
     least = K * d if config.get("border") == "clamp" else 1

@@ -118,7 +118,8 @@ def _backend(args: argparse.Namespace, device: torch.device) -> str:
         if args.backend == "auto":
             from .. import registry
 
-            reason = registry.unavailable_reason(device.type if device.type in COMPILED else "cuda")
+            name = device.type if device.type in COMPILED else "cuda"
+            reason = registry.unavailable_reason(name) if name in registry.BACKEND_NAMES else None
             why = f" ({reason})" if reason else ""
         raise UsageError(
             f"--backend {args.backend}: --format pt2 calls the compiled operators of backend "
