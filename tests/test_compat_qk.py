@@ -151,14 +151,29 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, (q, k, r), fast_mode=True)
 
 
-def test_opcheck_the_dots_operator():
-    registry.get_backend("torch")
-    op = registry.dots_op("torch")
+def _operator_backends():
+    for device in DEVICES:
+        for name in available_backends(device):
+            if get_backend(name).backward is not None:
+                yield pytest.param(device, name, id=f"{device}-{name}")
+
+
+@pytest.mark.parametrize("device,name", list(_operator_backends()))
+def test_opcheck_the_dots_operator(device, name):
+    backend = get_backend(name)
+    op = registry.dots_op(name)
+    variant = backend.variant_for(2, True, False)
+    # the interpreter runs Triton's kernels in eager mode only: no compiled (AOT) check there
+    interpreted = name == "triton" and device == "cpu"
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor") if interpreted else None
     for d, clamp in ((2, True), (1, False)):
-        x = torch.randn(2, 3, 7, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-        g = torch.randn(2, 3, 7, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-        torch.library.opcheck(op, (g, x, 3, d, clamp, ""))
-        torch.library.opcheck(op, (g.detach().contiguous(), x.detach().contiguous(), 3, d, clamp, ""))
+        x = torch.randn(2, 3, 7, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+        g = torch.randn(2, 3, 7, 8, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+        for args in ((g, x), (g.detach().contiguous(), x.detach().contiguous())):
+            if utils:
+                torch.library.opcheck(op, (*args, 3, d, clamp, variant), test_utils=utils)
+            else:
+                torch.library.opcheck(op, (*args, 3, d, clamp, variant))
 
 
 def test_every_backend_with_operators_has_its_dots_operator():
