@@ -1,11 +1,13 @@
 """The cases bench/run.py times, and the function each of its rows calls.
 
 A case is one call of an operator at one shape: :class:`ConvCase`, an sgdc_conv call of shape
-BxCxHxWxGxK, or :class:`NA2DCase`, an na2d_av call of OverLoCK's dynamic (ContMix) blocks in
-NATTEN's layout (:data:`OVERLOCK_SHAPES`). :func:`parse_shapes` turns a --shapes list into cases;
-:func:`make_fn` builds the callable a row times, from a backend name (``name`` or
-``name@variant``, passed to the operator as is) or a compiled peer; :func:`skip_reason` says why a
-row's kernel variant does not run a case's configuration.
+BxCxHxWxGxK, :class:`NA2DCase`, an na2d_av call of OverLoCK's dynamic (ContMix) blocks in
+NATTEN's layout (:data:`OVERLOCK_SHAPES`), or :class:`AttentionCase`, the neighborhood attention
+of a DiNAT layer (na2d_qk with its bias, softmax, na2d_av; :data:`DINAT_SHAPES`).
+:func:`parse_shapes` turns a --shapes list into cases; :func:`make_fn` builds the callable a row
+times, from a backend name (``name`` or ``name@variant``, passed to the operator as is) or a
+compiled peer; :func:`skip_reason` says why a row's kernel variant does not run a case's
+configuration.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 import torch
 
 from sgdc_kernels import registry, sgdc_conv, testing
-from sgdc_kernels.compat import na2d_av
+from sgdc_kernels.compat import na2d_av, na2d_qk
 from sgdc_kernels.reference import shift_forward
 
 PEER = "torch.compile(shift)"  # sgdc_conv shapes only
@@ -132,19 +134,75 @@ def overlock_shapes() -> dict[str, tuple[int, ...]]:
 OVERLOCK_SHAPES = overlock_shapes()
 
 
+class AttentionCase:
+    """The neighborhood attention of a NAT/DiNAT layer in NATTEN's layout, as transformers' DiNAT
+    computes it: ``na2d_av(softmax(na2d_qk(query, key, rpb=rpb)), value)``; query, key and value
+    (B, heads, H, W, D), rpb (heads, 2K-1, 2K-1); dims = (B, heads, H, W, D, K, dilation). Every
+    input gets a gradient."""
+
+    op, default_peer = "na2d_qk+softmax+na2d_av", UNFOLD_PEER
+
+    def __init__(self, label: str, dims: tuple[int, ...]):
+        self.label, self.dims = label, dims
+        self.config = (dims[6], True, False)  # NATTEN's clamped windows over raw weights
+
+    def layouts(self, requested: list[str]) -> list[str]:
+        return ["natten"]
+
+    def inputs(self, dtype, device, layout="natten"):
+        B, G, H, W, D, K, d = self.dims
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, G, H, W, D, device=device).to(dtype) for _ in range(3))
+        rpb = torch.randn(G, 2 * K - 1, 2 * K - 1, device=device).to(dtype)
+        return (q / D**0.5, k, v, rpb), torch.randn_like(v)
+
+    def call(self, backend: str, query, key, value, rpb):
+        K, d = self.dims[5:]
+        attn = na2d_qk(query, key, K, d, rpb=rpb, backend=backend).softmax(dim=-1)
+        return na2d_av(attn, value, K, d, backend=backend)
+
+    def tiny(self) -> AttentionCase:
+        B, G, H, W, D, K, d = self.dims
+        return AttentionCase(self.label, (1, G, K * d, K * d, D, K, d))
+
+    def describe(self) -> str:
+        B, G, H, W, D, K, d = self.dims
+        return (f"{self.label}: na2d_qk (rpb) + softmax + na2d_av, query/key/value ({B}, {G}, {H}, {W}, {D}), "
+                f"kernel_size {K}, dilation {d}")  # fmt: skip
+
+    def roofline_bytes(self, dtype) -> tuple[int, int]:
+        """Fewest bytes moved by a fused attention: forward, and forward+backward."""
+        B, G, H, W, D, K, d = self.dims
+        act = B * G * H * W * D * torch.empty((), dtype=dtype).element_size()
+        return 4 * act, 11 * act  # read q, k, v, write out; then read q, k, v, dout, write dq, dk, dv
+
+
+# DiNAT-Mini (transformers' DinatConfig defaults: embed_dim 64, heads 2, 4, 8, 16 of 32 channels,
+# kernel 7, dilations up to 8, 4, 2, 1) at a 224x224 input: stage s at 56 / 2**(s-1) pixels a side,
+# the largest dilation of each stage (its window spans the whole image).
+DINAT_BATCH = 8
+DINAT_SHAPES = {
+    f"dinat-mini-s{s}": (DINAT_BATCH, 2**s, 56 // 2 ** (s - 1), 56 // 2 ** (s - 1), 32, 7, 2 ** (4 - s))
+    for s in (1, 2, 3, 4)
+}
+NAMED = {"overlock": (NA2DCase, OVERLOCK_SHAPES), "dinat": (AttentionCase, DINAT_SHAPES)}
+
+
 def parse_shapes(text: str) -> list:
-    """The cases of a --shapes list: BxCxHxWxGxK, OverLoCK names, or `overlock` for every distinct
-    OverLoCK call (models sharing a call are timed once, under the first name). A bad entry raises
-    ValueError with one line."""
+    """The cases of a --shapes list: BxCxHxWxGxK, OverLoCK or DiNAT names, `overlock` for every
+    distinct OverLoCK call (models sharing a call are timed once, under the first name) or `dinat`
+    for DiNAT-Mini's four stages. A bad entry raises ValueError with one line."""
     cases = []
     for item in text.split(","):
-        if item == "overlock":
+        if item in NAMED:
+            kind, shapes = NAMED[item]
             first = {}
-            for name, dims in OVERLOCK_SHAPES.items():
+            for name, dims in shapes.items():
                 first.setdefault(dims, name)
-            cases += [NA2DCase(name, dims) for dims, name in first.items()]
-        elif item in OVERLOCK_SHAPES:
-            cases.append(NA2DCase(item, OVERLOCK_SHAPES[item]))
+            cases += [kind(name, dims) for dims, name in first.items()]
+        elif any(item in shapes for _, shapes in NAMED.values()):
+            kind, shapes = next((k, s) for k, s in NAMED.values() if item in s)
+            cases.append(kind(item, shapes[item]))
         else:
             cases.append(ConvCase(parse_shape(item)))
     return cases
@@ -154,8 +212,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     parts = text.lower().split("x")
     if len(parts) != 6 or not all(p.isdigit() for p in parts):
         raise ValueError(
-            f"shape {text!r}: expected BxCxHxWxGxK, e.g. 8x256x128x128x4x7, 'overlock' or one of "
-            + ", ".join(OVERLOCK_SHAPES)
+            f"shape {text!r}: expected BxCxHxWxGxK, e.g. 8x256x128x128x4x7, 'overlock', 'dinat' or one of "
+            + ", ".join([*OVERLOCK_SHAPES, *DINAT_SHAPES])
         )
     return tuple(int(p) for p in parts)
 

@@ -6,6 +6,7 @@
     python bench/run.py --backends torch,unfold --shapes 2x64x64x64x4x7 --no-memory --threads 1
     python bench/run.py --backends unfold,cuda@all      # every kernel variant of the cuda backend
     python bench/run.py --shapes overlock               # NATTEN's na2d_av at OverLoCK's shapes
+    python bench/run.py --shapes dinat                  # na2d_qk + softmax + na2d_av at DiNAT-Mini's
     python bench/run.py --plot bench/out/results.png    # and a figure of the results (needs matplotlib)
     python bench/run.py --interleave --time 3 --layouts nchw,channels_last --dtypes float32,bfloat16  # CPU
 
@@ -21,7 +22,11 @@ A shape is BxCxHxWxGxK (an sgdc_conv call) or the name of an na2d_av call of Ove
 dynamic (ContMix) blocks, e.g. overlock-t-s3-k13 (model overlock_t, stage 3, kernel 13; at a
 512x512 input, batch 8; `overlock` names all of them): those rows time sgdc_kernels.compat.na2d_av,
 NATTEN's layout and clamped windows, through each backend, beside `unfold` (the F.unfold +
-replicate-pad formulation) and, on a GPU, its torch.compile (row `torch.compile(unfold)`).
+replicate-pad formulation) and, on a GPU, its torch.compile (row `torch.compile(unfold)`). Or the
+name of a stage of DiNAT-Mini at a 224x224 input, batch 8, e.g. dinat-mini-s1 (`dinat` names all
+four): those rows time a DiNAT layer's neighborhood attention, na2d_qk with its relative
+positional bias, softmax and na2d_av, likewise beside `unfold` (F.unfold with NATTEN's windows)
+and, on a GPU, its torch.compile.
 
 A backend may be followed by a kernel variant, `name@variant`, or by `@all` for one row per
 variant; the row calls the operator with backend="name@variant". A variant that runs only sgdc_conv's
@@ -164,12 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: float32,float16,bfloat16,float64 (default GPU: float32,bfloat16; CPU: float32)",
     )
     parser.add_argument("--shapes", help="comma-separated BxCxHxWxGxK of sgdc_conv, or names of OverLoCK's na2d_av "
-                        f"calls: {', '.join(cases.OVERLOCK_SHAPES)}, or 'overlock' for all of them "
-                        "(default depends on the device)")  # fmt: skip
+                        f"calls: {', '.join(cases.OVERLOCK_SHAPES)}, or 'overlock' for all of them, or of DiNAT-Mini's "
+                        f"attention (na2d_qk + softmax + na2d_av): {', '.join(cases.DINAT_SHAPES)}, or 'dinat' for "
+                        "all four stages (default depends on the device)")  # fmt: skip
     parser.add_argument(
         "--layouts",
         default="nchw",
-        help="comma-separated: nchw,channels_last (default nchw); OverLoCK's shapes use NATTEN's layout",
+        help="comma-separated: nchw,channels_last (default nchw); OverLoCK's and DiNAT's shapes use NATTEN's layout",
     )
     parser.add_argument(
         "--warmup-time", type=float, default=None, help="seconds of warm-up per measurement (default GPU 0.2, CPU 0.5)"
@@ -189,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-peer", action="store_true",
                         help=f"skip the compiled peer of the default backends ({peer} for sgdc_conv shapes, "
-                        f"{unfold_peer} for OverLoCK's)")  # fmt: skip
+                        f"{unfold_peer} for OverLoCK's and DiNAT's)")  # fmt: skip
     parser.add_argument(
         "--out", default="bench/out/results.json", help="JSON output path (default bench/out/results.json)"
     )
@@ -330,7 +336,7 @@ def print_preamble(meta: dict, args) -> None:
     for name, why in args.left_out.items():
         print(f"# left out: {name} ({why})")
     for case in args.cases:
-        if case.op == "na2d_av":
+        if hasattr(case, "describe"):
             print(f"# {case.describe()}")
 
 

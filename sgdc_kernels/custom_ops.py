@@ -17,6 +17,15 @@ and ``softmax`` select the configuration of the window sum (docs/op.md); ``sgdc_
 (one of :attr:`Backend.variants`, or ``""`` for a backend without variants): it is an argument, so
 two variants can run in one process and in one compiled graph.
 
+Each backend with a backward operator also gets the window dot products, the backward's weight
+pass on its own, as an operator (:func:`define_dots_op`, registered when the backend loads):
+
+    sgdc::<name>_dots(Tensor grad_out, Tensor x, int kernel_size, int dilation, bool clamp,
+                      str variant) -> Tensor
+
+per pixel p and tap t, ``sum_c grad_out[c, p] * x[c, tap_t(p)]`` for one head ((B, K*K, H, W));
+NATTEN's ``na2d_qk`` is this operator with ``grad_out`` the query and ``x`` the key.
+
 The backward returns ``(d_x, d_weights, d_gate)``; ``d_gate`` is an empty tensor when ``gate`` is
 None. Both operators receive dense tensors that share one memory format (contiguous or
 channels_last, chosen by ``x``) and return tensors shaped and laid out like their inputs
@@ -161,3 +170,56 @@ def define_ops(name: str, forward_impl: Callable, backward_impl: Callable) -> tu
     bwd = torch.library.custom_op(f"sgdc::{name}_backward", backward, mutates_args=(), schema=BACKWARD_SCHEMA)
     register_ops(fwd, bwd)
     return fwd, bwd
+
+
+# ---------------------------------------------------------------------------------------------
+# The window dot products (NATTEN's na2d_qk) on a backend's own operators.
+# ---------------------------------------------------------------------------------------------
+
+DOTS_SCHEMA = "(Tensor grad_out, Tensor x, int kernel_size, int dilation, bool clamp, str variant) -> Tensor"
+
+
+def _dots_shape(x: torch.Tensor, kernel_size: int) -> tuple[int, ...]:
+    return (x.shape[0], kernel_size * kernel_size, x.shape[2], x.shape[3])
+
+
+def define_dots_op(backend: Backend) -> Any:
+    """``sgdc::<name>_dots`` for a backend with forward and backward operators, made of them and
+    of nothing else: with raw weights (no softmax), no gate and one head, the weight gradient of the
+    window sum does not depend on the weights, so the backward operator called with zero weights
+    returns the dot products as its ``d_weights`` (and a ``d_x`` of zeros, computed and discarded:
+    that pass is the price of sharing the kernels). Its gradients are the same operators again:
+    ``d grad_out`` is the forward with the incoming gradient as the weights, ``d x`` the backward's
+    ``d_x`` with those weights. Inputs: dense, in one memory format; the result is in that format.
+    """
+    forward_op, backward_op = backend.forward, backend.backward
+
+    def config(kernel_size, dilation, clamp, variant):
+        return (kernel_size, 1, dilation, clamp, False, variant)  # one head, raw weights
+
+    def dots(grad_out, x, kernel_size, dilation, clamp, variant):
+        weights = x.new_zeros(_dots_shape(x, kernel_size)).contiguous(memory_format=memory_format_of(x))
+        return backward_op(grad_out, x, weights, None, *config(kernel_size, dilation, clamp, variant))[1]
+
+    def fake(grad_out, x, kernel_size, dilation, clamp, variant):
+        return x.new_empty(_dots_shape(x, kernel_size)).contiguous(memory_format=memory_format_of(x))
+
+    def setup_context(ctx, inputs, output):
+        grad_out, x, *cfg = inputs
+        ctx.save_for_backward(grad_out, x)
+        ctx.config = config(*cfg)
+
+    def backward(ctx, d_dots):
+        grad_out, x = ctx.saved_tensors
+        d_dots = d_dots.contiguous(memory_format=memory_format_of(x))
+        d_grad_out = d_x = None
+        if ctx.needs_input_grad[0]:
+            d_grad_out = forward_op(x, d_dots, None, *ctx.config)
+        if ctx.needs_input_grad[1]:
+            d_x = backward_op(grad_out, x, d_dots, None, *ctx.config)[0]
+        return d_grad_out, d_x, None, None, None, None
+
+    op = torch.library.custom_op(f"sgdc::{backend.name}_dots", dots, mutates_args=(), schema=DOTS_SCHEMA)
+    torch.library.register_fake(op, fake)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    return op

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .custom_ops import memory_format_of
-from .registry import check_name, forward_op, resolve
+from .registry import check_name, dots_op, forward_op, resolve
 
 Tensor = torch.Tensor
 
@@ -177,6 +177,16 @@ def _run(backend, x, weights, gate, kernel_size, num_heads, dilation, clamp, sof
     if gate is not None:
         gate = gate.contiguous(memory_format=fmt)
     return forward_op(name)(x, weights, gate, kernel_size, num_heads, dilation, clamp, softmax, variant)
+
+
+def window_dots(backend: str, grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int, clamp: bool) -> Tensor:
+    """The window sum's weight pass for one head, validated by the caller: per pixel p and tap t,
+    ``sum_c grad_out[c, p] * x[c, tap_t(p)]``, (B, K*K, H, W) in ``x``'s memory format, on the
+    backend and variant that ``backend`` means for raw weights (``compat.na2d_qk`` calls it)."""
+    name, variant = resolve(backend, x.device.type, x.dtype, dilation, clamp, False)
+    fmt = memory_format_of(x)
+    grad_out, x = grad_out.contiguous(memory_format=fmt), x.contiguous(memory_format=fmt)
+    return dots_op(name)(grad_out, x, kernel_size, dilation, clamp, variant)
 
 
 def sgdc_conv(

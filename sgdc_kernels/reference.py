@@ -56,6 +56,39 @@ def _tap_weights(weights: Tensor, B: int, G: int, KK: int, softmax: bool, dtype:
     return w.softmax(dim=2) if softmax else w
 
 
+def unfold_windows(x: Tensor, kernel_size: int, dilation: int = 1, clamp: bool = False) -> Tensor:
+    """Every pixel's window of ``x`` through ``F.unfold``: (B, C*K*K, H, W), channel c*K*K + t
+    holding tap t of channel c (zeros outside the image for centred windows).
+
+    With clamped windows, ``x`` is unfolded without padding (every window inside the image) and
+    each pixel takes the window at its start: for ``dilation=1`` that is the unfolded tensor
+    replicate-padded by ``K//2`` (the fallback OverLoCK-style code uses), for larger dilations the
+    windows at NATTEN's starts.
+    """
+    B, C, H, W = x.shape
+    K, d = kernel_size, dilation
+    if not clamp:
+        return F.unfold(x, K, dilation=d, padding=(K // 2) * d).view(B, C * K * K, H, W)
+    cols = F.unfold(x, K, dilation=d).view(B, C * K * K, H - (K - 1) * d, W - (K - 1) * d)
+    if d == 1:
+        return F.pad(cols, (K // 2,) * 4, mode="replicate")
+    rows = window_starts(H, K, d, True, x.device)
+    columns = window_starts(W, K, d, True, x.device)
+    return cols.index_select(2, rows).index_select(3, columns)
+
+
+def unfold_dots(grad_out: Tensor, x: Tensor, kernel_size: int, dilation: int = 1, clamp: bool = False) -> Tensor:
+    """The unfold formulation of the window sum's weight pass for one head: per pixel p and tap t,
+    ``sum_c grad_out[c, p] * x[c, tap_t(p)]`` (docs/op.md, dP), shaped (B, K*K, H, W). With
+    ``grad_out`` NATTEN's query and ``x`` its key this is ``na2d_qk``; differentiable by autograd
+    (the ``unfold`` backend's formulation of it)."""
+    B, C, H, W = x.shape
+    if x.numel() == 0:
+        return x.new_zeros(B, kernel_size**2, H, W) + 0 * (grad_out.sum() + x.sum())
+    cols = unfold_windows(x, kernel_size, dilation, clamp).view(B, C, kernel_size**2, H, W)
+    return torch.einsum("bcthw,bchw->bthw", cols, grad_out)
+
+
 def unfold_forward(
     x: Tensor,
     weights: Tensor,
@@ -66,29 +99,14 @@ def unfold_forward(
     clamp: bool = False,
     softmax: bool = True,
 ) -> Tensor:
-    """The paper's formulation: ``F.unfold`` (zero padding), weights over the taps, window sum.
-
-    With clamped windows, ``x`` is unfolded without padding (every window inside the image) and
-    each pixel takes the window at its start: for ``dilation=1`` that is the unfolded tensor
-    replicate-padded by ``K//2`` (the fallback OverLoCK-style code uses), for larger dilations the
-    windows at NATTEN's starts.
-    """
+    """The paper's formulation: ``F.unfold`` (zero padding; clamped windows: :func:`unfold_windows`),
+    weights over the taps, window sum."""
     B, C, H, W = x.shape
-    K, G, d = kernel_size, num_heads, dilation
+    K, G = kernel_size, num_heads
     if x.numel() == 0:  # F.unfold rejects empty spatial dims; keep the graph to every input
         out = x + 0 * weights[:, :1]
         return out * torch.sigmoid(gate) if gate is not None else out
-    if not clamp:
-        cols = F.unfold(x, K, dilation=d, padding=(K // 2) * d)
-    else:
-        cols = F.unfold(x, K, dilation=d).view(B, C * K * K, H - (K - 1) * d, W - (K - 1) * d)
-        if d == 1:
-            cols = F.pad(cols, (K // 2,) * 4, mode="replicate")
-        else:
-            rows = window_starts(H, K, d, True, x.device)
-            columns = window_starts(W, K, d, True, x.device)
-            cols = cols.index_select(2, rows).index_select(3, columns)
-    cols = cols.reshape(B, G, C // G, K * K, H * W)
+    cols = unfold_windows(x, K, dilation, clamp).reshape(B, G, C // G, K * K, H * W)
     w = _tap_weights(weights, B, G, K * K, softmax, x.dtype).reshape(B, G, K * K, H * W)
     out = torch.einsum("bgctn,bgtn->bgcn", cols, w).reshape(B, C, H, W)
     if gate is not None:

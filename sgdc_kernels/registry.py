@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from . import _install
-from .custom_ops import FLOATING_ALL, Backend, BackendUnavailableError, define_ops
+from .custom_ops import FLOATING_ALL, Backend, BackendUnavailableError, define_dots_op, define_ops
 
 # ---------------------------------------------------------------------------------------------
 # Loaders: one per backend. Each returns a Backend or raises BackendUnavailableError.
@@ -92,16 +92,35 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch"), "cuda": ("cud
 
 # name -> Backend, or the BackendUnavailableError that explains why it is missing.
 _LOADED: dict[str, Backend | BackendUnavailableError] = {}
+# name -> the window dot products of a loaded backend (dots_op), defined when it loads.
+_DOTS: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def _load(name: str) -> Backend | BackendUnavailableError:
     """Load backend ``name`` once; returns the Backend or the BackendUnavailableError."""
     if name not in _LOADED:
         try:
-            _LOADED[name] = _LOADERS[name](name)
+            backend = _LOADERS[name](name)
         except BackendUnavailableError as exc:
             _LOADED[name] = exc
+        else:
+            _DOTS[name] = _dots_of(backend)
+            _LOADED[name] = backend
     return _LOADED[name]
+
+
+def _dots_of(backend: Backend) -> Callable[..., torch.Tensor]:
+    """A backend's window dot products (NATTEN's na2d_qk): the operator ``sgdc::<name>_dots`` made
+    of its forward and backward operators; for a backend differentiated by autograd (the `unfold`
+    oracle), its formulation, differentiated by autograd too."""
+    if backend.backward is not None:
+        return define_dots_op(backend)
+    from . import reference
+
+    def dots(grad_out, x, kernel_size, dilation, clamp, variant):
+        return reference.unfold_dots(grad_out, x, kernel_size, dilation, clamp)
+
+    return dots
 
 
 def check_name(spec: object, *, allow_auto: bool = True) -> str:
@@ -270,3 +289,9 @@ def forward_op(name: str) -> Callable[..., torch.Tensor]:
     """The forward of a backend that resolve_backend already loaded (a plain dict read, which
     torch.compile traces without re-running the loader)."""
     return _LOADED[name].forward
+
+
+def dots_op(name: str) -> Callable[..., torch.Tensor]:
+    """The window dot products of a backend that resolve_backend already loaded, with the schema
+    of ``sgdc::<name>_dots`` (custom_ops.DOTS_SCHEMA); a plain dict read, as in forward_op."""
+    return _DOTS[name]

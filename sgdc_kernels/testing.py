@@ -87,6 +87,21 @@ def oracle(kernel_size: int, num_heads: int, mode: dict | None = None) -> Callab
     return fn
 
 
+def natten_window_start(i: int, n: int, kernel_size: int, dilation: int) -> int:
+    """NATTEN's ``get_window_start``, by its own formula: the first index of pixel ``i``'s clamped
+    window on an axis of length ``n`` (independent of :func:`reference.window_starts`)."""
+    K, d, r = kernel_size, dilation, kernel_size // 2
+    if d == 1:
+        return max(i - r, 0) + (i + r >= n) * (n - i - r - 1)
+    if i - r * d < 0:
+        return i % d
+    if i + r * d >= n:
+        a = (n // d) * d
+        b = n - a
+        return n - b + i % d - 2 * r * d if i % d < b else a + i % d - K * d
+    return i - r * d
+
+
 def gather_reference(
     x: Tensor, weights: Tensor, gate: Tensor | None, kernel_size: int, num_heads: int, mode: dict | None = None
 ) -> Tensor:
@@ -98,18 +113,8 @@ def gather_reference(
     B, C, H, W = x.shape
     K, G, d, r = kernel_size, num_heads, dilation, kernel_size // 2
 
-    def start(i: int, n: int) -> int:  # NATTEN's get_window_start
-        if not clamp:
-            return i - r * d
-        if d == 1:
-            return max(i - r, 0) + (i + r >= n) * (n - i - r - 1)
-        if i - r * d < 0:
-            return i % d
-        if i + r * d >= n:
-            a = (n // d) * d
-            b = n - a
-            return n - b + i % d - 2 * r * d if i % d < b else a + i % d - K * d
-        return i - r * d
+    def start(i: int, n: int) -> int:
+        return natten_window_start(i, n, K, d) if clamp else i - r * d
 
     w = weights.double().reshape(B, G, K * K, H, W)
     w = w.softmax(dim=2) if softmax else w

@@ -210,13 +210,47 @@ def test_the_compiled_unfold_peer_runs_for_na2d_av(bench, tmp_path, monkeypatch)
     assert rows["torch.compile(shift)"]["error"] == "torch.compile(shift) times sgdc_conv shapes only"
 
 
+# ------------------------------------------------------------------------------------------------
+# DiNAT's attention: na2d_qk + softmax + na2d_av
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dinat_shapes_follow_dinat_mini(bench):
+    # (B, heads, H, W, head_dim, K, dilation) at a 224x224 input: stage s at 56 / 2**(s-1), the
+    # largest dilation of the stage
+    shapes = bench.cases.DINAT_SHAPES
+    assert shapes["dinat-mini-s1"] == (8, 2, 56, 56, 32, 7, 8)
+    assert shapes["dinat-mini-s4"] == (8, 16, 7, 7, 32, 7, 1)
+    assert [c.label for c in bench.cases.parse_shapes("dinat")] == list(shapes)
+    try:
+        from transformers import DinatConfig
+    except ImportError:
+        return
+    config = DinatConfig()  # DiNAT-Mini's
+    for s, (heads, dilations) in enumerate(zip(config.num_heads, config.dilations), start=1):
+        B, G, H, W, D, K, d = shapes[f"dinat-mini-s{s}"]
+        assert (G, D, K, d) == (heads, config.embed_dim * 2 ** (s - 1) // heads, config.kernel_size, max(dilations))
+        assert H == W == 224 // config.patch_size // 2 ** (s - 1)
+
+
+def test_dinat_rows_time_the_attention_against_unfold(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(bench.cases.DINAT_SHAPES, "dinat-tiny", (1, 2, 6, 7, 4, 3, 2))
+    data = _run(bench, tmp_path, "--shapes", "dinat-tiny", "--backends", "unfold,torch,torch.compile(unfold)")
+    assert "# dinat-tiny: na2d_qk (rpb) + softmax + na2d_av, query/key/value (1, 2, 6, 7, 4)" in capsys.readouterr().out
+    rows = {r["backend"]: r for r in data["results"]}
+    assert list(rows) == ["unfold", "torch", "torch.compile(unfold)"]
+    for r in rows.values():
+        assert (r["shape"], r["op"], r["layout"]) == ("dinat-tiny", "na2d_qk+softmax+na2d_av", "natten")
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and "error" not in r
+
+
 def test_a_bad_shape_is_one_line(bench, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--device", "cpu", "--shapes", "overlock-q", "--out", str(tmp_path / "x.json")])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--shapes: shape 'overlock-q': expected BxCxHxWxGxK, e.g. 8x256x128x128x4x7, 'overlock' or one of" in err
-    assert "overlock-t-s3-k13" in err
+    assert "--shapes: shape 'overlock-q': expected BxCxHxWxGxK, e.g. 8x256x128x128x4x7, 'overlock', 'dinat' or" in err
+    assert "overlock-t-s3-k13" in err and "dinat-mini-s1" in err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -362,3 +362,16 @@ def test_masked_taps_and_non_finite_inputs(harness, tmp_path, variant, dtype):
                     continue  # raw weights: no softmax, no masked taps
                 cases.add(shape, dtype, ("nchw", "nhwc")[(n + m) % 2], True, "v2", 4.0, mode, edit)
     cases.run(harness)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_na2d_qk_configuration(harness, tmp_path, dtype):
+    """The backward as sgdc_kernels.compat.na2d_qk calls it (custom_ops.define_dots_op): one head of
+    DiNAT's 32 channels, channels_last, clamped windows, raw weights, no gate, K 3 to 13 and
+    dilation 1 to 4 from the smallest image up. Its weight pass (dk) is na2d_qk with dout as the
+    query and x as the key; the forward and dx are na2d_qk's gradients."""
+    cases = Cases(tmp_path)
+    for n, (K, d) in enumerate([(3, 1), (3, 4), (5, 2), (7, 3), (7, 1), (9, 2), (13, 1), (13, 4)]):
+        mode = dict(dilation=d, border="clamp", normalize=None)
+        cases.add((1, 32, K * d + n % 2, K * d + 3, 1, K), dtype, "nhwc", False, "v2", 4.0, mode)
+    cases.run(harness)
