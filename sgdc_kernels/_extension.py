@@ -227,7 +227,7 @@ def load_backend() -> Backend:
         raise BackendUnavailableError(
             "backend 'cuda' is unavailable: the extension is built, but no CUDA GPU is visible "
             "(torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU, or use "
-            "backend='auto', which runs the 'torch' backend on the CPU"
+            "backend='auto', which runs the 'cpu' backend (else 'torch') on the CPU"
         )
     fwd, bwd = torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default
     variants = tuple(ext.VARIANTS.split(","))
