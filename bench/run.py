@@ -8,13 +8,14 @@
     python bench/run.py --shapes overlock               # NATTEN's na2d_av at OverLoCK's shapes
     python bench/run.py --shapes dinat                  # na2d_qk + softmax + na2d_av at DiNAT-Mini's
     python bench/run.py --plot bench/out/results.png    # and a figure of the results (needs matplotlib)
+    python bench/run.py --interleave --time 3 --layouts nchw,channels_last --dtypes float32,bfloat16  # CPU
 
 For each case (shape, dtype, backend) it reports the median time of the forward and of
 forward+backward with their spread, the speedup over `unfold`, the peak memory beyond the inputs
-during forward+backward and, on a GPU, the percentage of the memory roofline (docs/performance.md)
-with the device-to-device copy bandwidth measured in the same run. On a GPU it also times the
-strongest peer a user has without this package: torch.compile of the shift-and-accumulate
-formulation (row `torch.compile(shift)`). Without --backends it times every backend that runs on
+during forward+backward and the percentage of the memory roofline (docs/performance.md) with the
+copy bandwidth measured in the same run (1 GiB on a GPU, 512 MB on the CPU, at the run's thread
+count). It also times the strongest peer a user has without this package: torch.compile of the
+shift-and-accumulate formulation (row `torch.compile(shift)`). Without --backends it times every backend that runs on
 the device and prints, one line each, those it leaves out and why.
 
 A shape is BxCxHxWxGxK (an sgdc_conv call) or the name of an na2d_av call of OverLoCK's
@@ -33,7 +34,9 @@ configuration is not timed on na2d_av's (clamped windows, raw weights): its row 
 and why, in the table and in the JSON.
 
 Times: CUDA events on a GPU, perf_counter on the CPU. Each measurement warms up for --warmup-time
-seconds, then repeats for --time seconds (at least --min-iters times); the table shows the median
+seconds, then repeats for --time seconds (at least --min-iters times); with --interleave (CPU), the
+rows of a case are timed together instead, one call of each per round in a rotating order, so that
+a busy spell of a shared machine slows every row alike and the ratios between rows hold; the table shows the median
 and the interquartile range as a percentage of it, the JSON also the quartiles, min and max, and a
 warning names every row whose spread is large (a busy machine: rerun, or pin --threads).
 Memory: on a GPU, torch.cuda.max_memory_allocated; on the CPU, the peak resident set of a fresh
@@ -85,7 +88,7 @@ class Table:
     """Rows printed once, as they are measured, in columns sized up front (the label columns from
     the cases to come, the numbers to a fixed width)."""
 
-    def __init__(self, rows_to_come, backends, device: str):
+    def __init__(self, rows_to_come, backends):
         self.columns = [  # (header, width, row -> text)
             (
                 "shape BxCxHxWxGxK" if all(c[0].op == "sgdc_conv" for c in rows_to_come) else "shape",
@@ -107,11 +110,10 @@ class Table:
                 ("x unfold", 8, lambda r, k=key: _num(r.get(f"{k}_speedup"), ".1f")),
             ]
         self.columns.append(("peak extra MB", 13, lambda r: _num(r.get("peak_extra_mb"), ".1f")))
-        if device == "cuda":
-            self.columns += [
-                ("fwd % roof", 10, lambda r: _num(r.get("fwd_roofline_pct"), ".0f")),
-                ("f+b % roof", 10, lambda r: _num(r.get("fwdbwd_roofline_pct"), ".0f")),
-            ]
+        self.columns += [
+            ("fwd % roof", 10, lambda r: _num(r.get("fwd_roofline_pct"), ".0f")),
+            ("f+b % roof", 10, lambda r: _num(r.get("fwdbwd_roofline_pct"), ".0f")),
+        ]
         self.widths = [max(w, len(h)) for h, w, _ in self.columns]
 
     def header(self) -> str:
@@ -159,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--backends", help="comma-separated backends, each optionally name@variant or name@all "
-                        f"(default: all available, plus the compiled peer on GPU); '{peer}' names the compiled "
+                        f"(default: all available, plus the compiled peer); '{peer}' names the compiled "
                         f"shift-and-accumulate peer (sgdc_conv shapes only), '{unfold_peer}' the compiled unfold "
                         "formulation")  # fmt: skip
     parser.add_argument(
@@ -187,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads; default: torch's)"
     )
+    parser.add_argument("--interleave", action="store_true",
+                        help="CPU: time the rows of a case together, one call of each per round in a rotating "
+                        "order (ratios that hold on a busy machine)")  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-peer", action="store_true",
                         help=f"skip the compiled peer of the default backends ({peer} for sgdc_conv shapes, "
@@ -262,6 +267,8 @@ def parse_args(argv) -> argparse.Namespace:
     args.device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
+    if args.interleave and args.device == "cuda":
+        parser.error("--interleave: CPU only (a GPU times each row with CUDA events)")
     gpu = args.device == "cuda"
     args.limits = timing.Timing(
         args.warmup_time if args.warmup_time is not None else (0.2 if gpu else 0.5),
@@ -288,7 +295,7 @@ def parse_args(argv) -> argparse.Namespace:
             parser.error(f"--backends: {exc}")
     else:
         args.backend_list, args.left_out = default_backends(args.device)
-        if gpu and not args.no_peer:
+        if not args.no_peer:
             args.backend_list += list(dict.fromkeys(c.default_peer for c in args.cases))
     if "unfold" in args.backend_list:  # the baseline first
         args.backend_list = ["unfold"] + [b for b in args.backend_list if b != "unfold"]
@@ -315,8 +322,7 @@ def machine_meta(args) -> dict:
         "command": " ".join(sys.argv),
         "left_out": args.left_out,
     }
-    if gpu:
-        meta["copy_bandwidth_GBps"] = timing.copy_bandwidth(args.device) / 1e9
+    meta["copy_bandwidth_GBps"] = timing.copy_bandwidth(args.device) / 1e9
     return meta
 
 
@@ -325,7 +331,7 @@ def print_preamble(meta: dict, args) -> None:
     header = f"# {meta['device']}, torch {meta['torch']}, sgdc-kernels {meta['sgdc_kernels']}, "
     header += f"{meta['threads']} threads (OMP_WAIT_POLICY={meta['OMP_WAIT_POLICY']})"
     if "copy_bandwidth_GBps" in meta:
-        header += f", copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s"
+        header += f", copy bandwidth {meta['copy_bandwidth_GBps']:.1f} GB/s"
     print(header, flush=True)
     for name, why in args.left_out.items():
         print(f"# left out: {name} ({why})")
@@ -334,10 +340,10 @@ def print_preamble(meta: dict, args) -> None:
             print(f"# {case.describe()}")
 
 
-def run_row(backend: str, case, dtype_name: str, layout: str, args) -> dict:
-    """One row: the times (or why the row is skipped, or the error it raised) and, on the CPU,
-    the peak memory."""
-    dtype, gpu = cases.DTYPES[dtype_name], args.device == "cuda"
+def prepare_row(backend: str, case, dtype_name: str, layout: str, args) -> tuple[dict, tuple | None]:
+    """A row's labels and, where it is timed, (fn, inputs, grad_out); else the row says why not
+    (``skipped``, or the ``error`` that building its inputs raised)."""
+    dtype = cases.DTYPES[dtype_name]
     row = {"shape": case.label, "op": case.op, "dtype": dtype_name, "layout": layout, "backend": backend}
     if "@" in backend:
         row["variant"] = backend.partition("@")[2]
@@ -345,21 +351,65 @@ def run_row(backend: str, case, dtype_name: str, layout: str, args) -> dict:
         skipped = cases.skip_reason(backend, case, args.device, dtype)
         if skipped:
             row["skipped"] = skipped
-            return row
+            return row, None
         inputs, grad_out = case.inputs(dtype, args.device, layout)
-        fn = cases.make_fn(backend, case)
-        row.update(timing.time_case(fn, inputs, grad_out, args.device, args.limits, not args.no_memory))
-        if not gpu and not args.no_memory:
-            row["peak_extra_mb"] = timing.cpu_peak_memory(backend, case.label, dtype_name, layout)
-    except (RuntimeError, TypeError, ValueError) as exc:  # OOM, unsupported dtype, ...
+        return row, (cases.make_fn(backend, case), inputs, grad_out)
+    except (RuntimeError, TypeError, ValueError) as exc:
         row["error"] = str(exc).splitlines()[0][:120]
-        if gpu:
-            torch.cuda.empty_cache()
+        return row, None
+
+
+def _failed(row: dict, exc: Exception, gpu: bool) -> None:
+    row["error"] = str(exc).splitlines()[0][:120]  # OOM, unsupported dtype, ...
+    if gpu:
+        torch.cuda.empty_cache()
+
+
+def add_memory(row: dict, case, args) -> None:
+    """On the CPU, the peak memory of the row's forward+backward (a subprocess)."""
+    if args.device != "cuda" and not args.no_memory and "fwd_ms" in row:
+        row["peak_extra_mb"] = timing.cpu_peak_memory(row["backend"], case.label, row["dtype"], row["layout"])
+
+
+def run_row(backend: str, case, dtype_name: str, layout: str, args) -> dict:
+    """One row: the times (or why the row is skipped, or the error it raised) and, on the CPU,
+    the peak memory."""
+    row, work = prepare_row(backend, case, dtype_name, layout, args)
+    if work is not None:
+        try:
+            row.update(timing.time_case(*work, args.device, args.limits, not args.no_memory))
+            add_memory(row, case, args)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            _failed(row, exc, args.device == "cuda")
     return row
 
 
+def run_interleaved(backends: list[str], case, dtype_name: str, layout: str, args) -> list[dict]:
+    """The rows of one case, timed together (--interleave): their forward and forward+backward
+    calls in rotating rounds. A row whose first call raises is left out of the rounds with its
+    error."""
+    rows, steps = [], {}
+    for backend in backends:
+        row, work = prepare_row(backend, case, dtype_name, layout, args)
+        rows.append(row)
+        if work is None:
+            continue
+        try:
+            for key, step in timing.steps_of(*work).items():
+                step()  # the first call (compiling) here, so that a failure leaves the rounds alone
+                steps[(len(rows) - 1, key)] = step
+        except (RuntimeError, TypeError, ValueError) as exc:
+            _failed(row, exc, False)
+            steps = {k: v for k, v in steps.items() if k[0] != len(rows) - 1}
+    for (i, key), stats in timing.interleaved(steps, args.limits).items():
+        timing.add_stats(rows[i], key, stats)
+    for row in rows:
+        add_memory(row, case, args)
+    return rows
+
+
 def add_ratios(row: dict, base: dict | None, case, meta: dict) -> None:
-    """The speedups over the unfold row ``base`` and, on a GPU, the roofline percentages."""
+    """The speedups over the unfold row ``base`` and the roofline percentages."""
     if "fwd_ms" not in row:
         return
     if base is not None:
@@ -377,7 +427,7 @@ def add_ratios(row: dict, base: dict | None, case, meta: dict) -> None:
 def run_all(args, meta: dict) -> list[dict]:
     """Every row, each printed as soon as it is measured."""
     todo = [(c, d, layout) for c in args.cases for d in args.dtype_names for layout in c.layouts(args.layout_names)]
-    table = Table(todo, args.backend_list, args.device)
+    table = Table(todo, args.backend_list)
     print(table.header(), flush=True)
     rows = []
     for case, dtype_name, layout in todo:
@@ -388,9 +438,12 @@ def run_all(args, meta: dict) -> list[dict]:
         if any(b in cases.PEERS for b in case_backends):
             torch._dynamo.reset()  # fresh compile caches: one compile per case, never the recompile limit
         base = None
-        for backend in case_backends:
-            row = run_row(backend, case, dtype_name, layout, args)
-            if backend == "unfold" and "fwd_ms" in row:
+        if args.interleave:
+            case_rows = run_interleaved(case_backends, case, dtype_name, layout, args)
+        else:
+            case_rows = (run_row(backend, case, dtype_name, layout, args) for backend in case_backends)
+        for row in case_rows:
+            if row["backend"] == "unfold" and "fwd_ms" in row:
                 base = row
             add_ratios(row, base, case, meta)
             rows.append(row)

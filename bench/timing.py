@@ -2,8 +2,10 @@
 
 Times: CUDA events on a GPU, perf_counter on the CPU. :func:`measure` warms up for a while, then
 repeats a call for a while (with an iteration floor) and :func:`summarize` reports the median,
-quartiles, min and max. :func:`time_case` times the forward and the forward+backward of a row and,
-on a GPU, its peak memory beyond the inputs (torch.cuda.max_memory_allocated).
+quartiles, min and max; :func:`interleaved` times several calls in rotating rounds instead, so that
+a busy spell of a shared machine slows them alike and their ratios hold. :func:`time_case` times
+the forward and the forward+backward of a row and, on a GPU, its peak memory beyond the inputs
+(torch.cuda.max_memory_allocated).
 
 CPU peak memory is the peak resident set (VmHWM, reset through /proc/self/clear_refs) of a fresh
 process per case, so that no earlier case's freed blocks hide it: :func:`cpu_peak_memory` runs
@@ -80,18 +82,41 @@ def spread(stats: dict) -> float:
 
 
 def copy_bandwidth(device: str) -> float:
-    """Bytes/s of a large device-to-device copy (read + write)."""
-    n = 1 << 28  # 1 GiB of float32
+    """Bytes/s of a large device-to-device copy (read + write): 1 GiB on a GPU, 512 MB on the CPU
+    (well beyond the last-level cache), at torch's thread count."""
+    n = 1 << (28 if device == "cuda" else 27)  # float32
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = measure(lambda: dst.copy_(src), device, Timing(0.2, 0.5, 10))["median"]
+    limits = Timing(0.2, 0.5, 10) if device == "cuda" else Timing(0.1, 0.3, 5)
+    ms = measure(lambda: dst.copy_(src), device, limits)["median"]
     return 2 * n * 4 / (ms * 1e-3)
 
 
-def time_case(fn, inputs, grad_out, device: str, timing: Timing, gpu_memory: bool) -> dict:
-    """The forward (without autograd) and the forward+backward of ``fn(*inputs)``: each one's
-    median as ``<key>_ms`` and its other statistics as ``<key>_q1_ms``, ... ``<key>_n`` (key fwd
-    or fwdbwd); with ``gpu_memory`` on a GPU, also ``peak_extra_mb``."""
+def interleaved(steps: dict, timing: Timing) -> dict:
+    """{key: :func:`summarize` of its times in ms} for CPU calls ``steps`` ({key: call}), timed in
+    rounds: every call once per round, in an order that rotates from round to round, until
+    timing.time_s per call has passed (at least timing.min_iters rounds), after timing.warmup_s
+    per call of warm-up (at least one call each)."""
+    keys = list(steps)
+    for key in keys:
+        steps[key]()  # the first call: loading, compiling
+    end = time.perf_counter() + timing.warmup_s * len(keys)
+    while time.perf_counter() < end:
+        for key in keys:
+            steps[key]()
+    times = {key: [] for key in keys}
+    end, r = time.perf_counter() + timing.time_s * len(keys), 0
+    while r < timing.max_iters and (r < timing.min_iters or time.perf_counter() < end):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            t0 = time.perf_counter()
+            steps[key]()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+        r += 1
+    return {key: summarize(t) for key, t in times.items()}
+
+
+def steps_of(fn, inputs, grad_out) -> dict:
+    """{"fwd": the forward without autograd, "fwdbwd": forward and backward} of ``fn(*inputs)``."""
 
     def forward():
         with torch.no_grad():
@@ -102,16 +127,31 @@ def time_case(fn, inputs, grad_out, device: str, timing: Timing, gpu_memory: boo
     def forward_backward():
         torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
+    return {"fwd": forward, "fwdbwd": forward_backward}
+
+
+def add_stats(row: dict, key: str, stats: dict) -> None:
+    """``stats`` (of :func:`summarize`) into ``row``: ``<key>_ms`` the median, ``<key>_q1_ms``, ...,
+    ``<key>_n``."""
+    stats = dict(stats)
+    row[f"{key}_ms"] = stats.pop("median")
+    row.update({f"{key}_{k}" + ("" if k == "n" else "_ms"): v for k, v in stats.items()})
+
+
+def time_case(fn, inputs, grad_out, device: str, timing: Timing, gpu_memory: bool) -> dict:
+    """The forward (without autograd) and the forward+backward of ``fn(*inputs)``: each one's
+    median as ``<key>_ms`` and its other statistics as ``<key>_q1_ms``, ... ``<key>_n`` (key fwd
+    or fwdbwd); with ``gpu_memory`` on a GPU, also ``peak_extra_mb``."""
+
+    steps = steps_of(fn, inputs, grad_out)
     row = {}
-    for key, step in (("fwd", forward), ("fwdbwd", forward_backward)):
-        stats = measure(step, device, timing)
-        row[f"{key}_ms"] = stats.pop("median")
-        row.update({f"{key}_{k}" + ("" if k == "n" else "_ms"): v for k, v in stats.items()})
+    for key, step in steps.items():
+        add_stats(row, key, measure(step, device, timing))
     if device == "cuda" and gpu_memory:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        forward_backward()
+        steps["fwdbwd"]()
         torch.cuda.synchronize()
         row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return row

@@ -1,11 +1,14 @@
-// Schemas of the sgdc::cuda_* operators (implementations in cuda/), the Python module stub that
-// makes `import sgdc_kernels._C` load them, and the build information of the extension.
+// Schemas of the sgdc::cuda_* operators (implementations in cuda/) and of the sgdc::cpu_* operators
+// (cpu/window_conv_cpu_ops.cpp), the Python module stub that makes `import sgdc_kernels._C` load
+// them, and the build information of the extension.
 //
-// Everything here and in cuda/ is written on the LibTorch stable ABI (torch/csrc/stable, the C shim
+// Everything here, in cuda/ and in cpu/ is written on the LibTorch stable ABI (torch/csrc/stable, the C shim
 // and the header-only torch/headeronly), compiled with TORCH_TARGET_VERSION = torch 2.10, so one
 // build loads into every torch from 2.10 on; the module stub uses only Python's limited API
 // (Py_LIMITED_API = 3.10), so one build serves every CPython from 3.10 on (an abi3 wheel).
 #include <torch/csrc/stable/library.h>
+
+#include "cpu/window_conv_cpu.h"
 
 #ifdef SGDC_CUDA_KERNELS
 namespace sgdc {
@@ -19,7 +22,7 @@ const char* compiled_variant_list();  // kernel variants, the default first
 
 // FRAGMENT: the Python backends define sgdc::torch_* and sgdc::triton_* in the same namespace.
 // Fake kernels and autograd are registered from Python when `import sgdc_kernels._C` runs
-// sgdc_kernels._cuda._register(); the fakes themselves live in sgdc_kernels.custom_ops. (The
+// sgdc_kernels._extension._register(); the fakes themselves live in sgdc_kernels.custom_ops. (The
 // stable ABI of torch 2.10 cannot name that module to the dispatcher, as set_python_module does
 // from 2.13 on; nothing needs it, since the import that registers the operators registers the
 // fakes too.)
@@ -30,6 +33,12 @@ STABLE_TORCH_LIBRARY_FRAGMENT(sgdc, m) {
       "int dilation, bool clamp, bool softmax, str variant) -> Tensor");
   m.def(
       "cuda_backward(Tensor grad_out, Tensor x, Tensor weights, Tensor? gate, int kernel_size, "
+      "int num_heads, int dilation, bool clamp, bool softmax, str variant) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cpu_forward(Tensor x, Tensor weights, Tensor? gate, int kernel_size, int num_heads, "
+      "int dilation, bool clamp, bool softmax, str variant) -> Tensor");
+  m.def(
+      "cpu_backward(Tensor grad_out, Tensor x, Tensor weights, Tensor? gate, int kernel_size, "
       "int num_heads, int dilation, bool clamp, bool softmax, str variant) -> (Tensor, Tensor, Tensor)");
 }
 
@@ -43,6 +52,16 @@ STABLE_TORCH_LIBRARY_FRAGMENT(sgdc, m) {
 #define SGDC_STR(x) SGDC_STR2(x)
 
 namespace {
+
+// "avx512,avx2,baseline": the instruction sets of the CPU kernels, the best first; only those that
+// this CPU runs (available) or all that this build compiled.
+std::string cpu_isas(bool available) {
+  std::string list;
+  for (const auto isa : {sgdc::cpu::Isa::kAvx512, sgdc::cpu::Isa::kAvx2, sgdc::cpu::Isa::kBaseline}) {
+    if (available ? sgdc::cpu::isa_available(isa) : sgdc::cpu::isa_compiled(isa)) list += (list.empty() ? "" : ",") + std::string(sgdc::cpu::isa_name(isa));
+  }
+  return list;
+}
 
 // "2.10": the torch whose stable ABI this build targets (TORCH_TARGET_VERSION: major in the top
 // byte, minor in the next).
@@ -58,10 +77,10 @@ std::string target_torch() {
 }  // namespace
 
 // A Python module with no functions: importing it loads this library, whose static initializers
-// register the operators; it then hands them to sgdc_kernels._cuda for fakes and autograd. Only
+// register the operators; it then hands them to sgdc_kernels._extension for fakes and autograd. Only
 // the limited API: module creation, string constants, an import and a call.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "window_conv CUDA kernels", -1,
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "window_conv CPU and CUDA kernels", -1,
                                    nullptr};
   PyObject* module = PyModule_Create(&def);
   if (module == nullptr) return nullptr;
@@ -81,7 +100,10 @@ extern "C" PyObject* PyInit__C(void) {
   const char* torch_version = "";
 #endif
   const std::string target = target_torch();
-  if (PyModule_AddStringConstant(module, "CUDA_ARCH_LIST", archs) ||
+  const std::string cpu_variants = cpu_isas(true), cpu_compiled = cpu_isas(false);
+  if (PyModule_AddStringConstant(module, "CPU_VARIANTS", cpu_variants.c_str()) ||
+      PyModule_AddStringConstant(module, "CPU_COMPILED", cpu_compiled.c_str()) ||
+      PyModule_AddStringConstant(module, "CUDA_ARCH_LIST", archs) ||
       PyModule_AddStringConstant(module, "CUDA_VERSION", cuda_str.c_str()) ||
       PyModule_AddStringConstant(module, "TORCH_VERSION", torch_version) ||
       PyModule_AddStringConstant(module, "TORCH_TARGET", target.c_str()) ||
@@ -89,7 +111,7 @@ extern "C" PyObject* PyInit__C(void) {
     Py_DECREF(module);
     return nullptr;
   }
-  PyObject* loader = PyImport_ImportModule("sgdc_kernels._cuda");
+  PyObject* loader = PyImport_ImportModule("sgdc_kernels._extension");
   PyObject* done = loader ? PyObject_CallMethod(loader, "_register", nullptr) : nullptr;
   Py_XDECREF(loader);
   if (done == nullptr) {

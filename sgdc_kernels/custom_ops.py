@@ -31,7 +31,7 @@ None. Both operators receive dense tensors that share one memory format (contigu
 channels_last, chosen by ``x``) and return tensors shaped and laid out like their inputs
 (``torch.empty_like``). Autograd saves only ``x``, ``weights`` and ``gate``.
 
-This module imports nothing else from the package: the backends (reference.py, _cuda.py,
+This module imports nothing else from the package: the backends (reference.py, _extension.py,
 triton_ops/) import it to build themselves, and the registry (:mod:`sgdc_kernels.registry`) imports
 them lazily, on first use. The fake kernels of the compiled extension must be registered from this
 module (its C++ schemas name it), which is why :func:`register_ops` lives here.

@@ -19,9 +19,9 @@ def _version(dist: str) -> str:
 
 
 def _extension_info() -> str:
-    from . import _cuda
+    from . import _extension
 
-    info = _cuda.build_info()
+    info = _extension.build_info()
     if info:
         return ", ".join(f"{k}: {' '.join(v) if isinstance(v, (list, tuple)) else v}" for k, v in info.items())
     if not _install.has_extension(_install.PACKAGE_DIR):

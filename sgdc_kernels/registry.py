@@ -65,9 +65,15 @@ def _load_triton(name: str) -> Backend:
 
 
 def _load_cuda(name: str) -> Backend:
-    from . import _cuda
+    from . import _extension
 
-    return _cuda.load_backend()
+    return _extension.load_backend()
+
+
+def _load_cpu(name: str) -> Backend:
+    from . import _extension
+
+    return _extension.load_cpu_backend()
 
 
 _LOADERS: dict[str, Callable[[str], Backend]] = {
@@ -75,12 +81,13 @@ _LOADERS: dict[str, Callable[[str], Backend]] = {
     "torch": _load_reference,
     "triton": _load_triton,
     "cuda": _load_cuda,
+    "cpu": _load_cpu,
 }
 
 BACKEND_NAMES: tuple[str, ...] = tuple(_LOADERS)
 
 # "auto" picks the first one that loads and accepts the tensors, in this order per device type.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("torch",), "cuda": ("cuda", "triton", "torch")}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
 # name -> Backend, or the BackendUnavailableError that explains why it is missing.

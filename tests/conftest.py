@@ -41,8 +41,8 @@ def _run_outside_the_checkout(tmp_path_factory):
 @pytest.fixture
 def fake_variants(monkeypatch):
     """Backend 'torch' replaced, for one test, by one with kernel variants v1 (the default), v2 and
-    v3, of which v3 runs sgdc_conv's configuration only; ``fake_variants.seen`` records the
-    ``variant`` argument of each call."""
+    v3, of which v3 runs sgdc_conv's configuration only, and what "auto" picks on a CPU;
+    ``fake_variants.seen`` records the ``variant`` argument of each call."""
     from sgdc_kernels import registry
     from sgdc_kernels.custom_ops import FLOATING_ALL, Backend
     from sgdc_kernels.reference import unfold_forward
@@ -58,4 +58,5 @@ def fake_variants(monkeypatch):
         "torch", forward, None, frozenset({"cpu"}), FLOATING_ALL, "fake", ("v1", "v2", "v3"), frozenset({"v3"})
     )
     monkeypatch.setitem(registry._LOADED, "torch", fake)
+    monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ("torch",))
     return types.SimpleNamespace(backend=fake, seen=seen)

@@ -74,6 +74,17 @@ def test_a_large_spread_is_flagged(bench, tmp_path, capsys, monkeypatch):
     assert f"{SHAPE} float32 nchw torch fwd+bwd: 150%" in err
 
 
+def test_interleaved_rows_are_timed_together(bench, tmp_path, capsys):
+    data = _run(bench, tmp_path, "--backends", "unfold,torch,torch.compile(shift)", "--interleave")
+    rows = {r["backend"]: r for r in data["results"]}
+    assert list(rows) == ["unfold", "torch", "torch.compile(shift)"]
+    for r in rows.values():  # as many rounds for every row, with the roofline of the copy bandwidth
+        assert r["fwd_n"] == r["fwdbwd_n"] == rows["unfold"]["fwd_n"] >= 3 and r["fwd_roofline_pct"] > 0
+    assert data["meta"]["copy_bandwidth_GBps"] > 0 and rows["torch"]["fwdbwd_speedup"] > 0
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda", "--interleave"] if torch.cuda.is_available() else ["--time", "-1"])
+
+
 def test_threads(bench, tmp_path):
     before = torch.get_num_threads()
     try:
@@ -114,7 +125,7 @@ def test_a_variant_that_cannot_run_the_case_is_skipped_with_the_reason(
 def test_the_backends_left_out_are_named_with_the_reason(bench, tmp_path, capsys):
     from sgdc_kernels import registry
 
-    data = _run(bench, tmp_path)  # no --backends: every backend that runs on the CPU
+    data = _run(bench, tmp_path, "--no-peer")  # no --backends: every backend that runs on the CPU
     out = capsys.readouterr().out.splitlines()
     timed = [r["backend"] for r in data["results"]]
     assert timed[:2] == ["unfold", "torch"] and "cuda" not in timed and "triton" not in timed
@@ -131,7 +142,7 @@ def test_the_backends_left_out_are_named_with_the_reason(bench, tmp_path, capsys
 @pytest.mark.parametrize(
     "spec,message",
     [
-        ("cdua", "--backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda"),
+        ("cdua", "--backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda, cpu"),
         ("torch@v9", "--backends: unknown variant 'v9' of 'torch'; expected 'all' or one of v1, v2, v3"),
         ("unfold@v1", "--backends: 'unfold' has no kernel variants; use 'unfold' without '@v1'"),
     ],
@@ -148,7 +159,7 @@ def test_a_bad_backend_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--backends", "cdua"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "run.py: error: --backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda"
+        "run.py: error: --backends: unknown backend 'cdua'; expected one of unfold, torch, triton, cuda, cpu"
     )
 
 
@@ -258,7 +269,10 @@ def test_plot_draws_time_speedup_and_roofline(bench, tmp_path):
     plot = sys.modules["plot"]  # bench/plot.py, imported by run.py
     titles = plot.plot_results(data["results"], data["meta"], str(tmp_path / "cpu.svg"))
     assert titles == [f"{p}: {t}" for p in ("forward", "forward + backward") for t in
-                      ("median time, ms (log scale)", "speedup over unfold")]  # fmt: skip
+                      ("median time, ms (log scale)", "speedup over unfold", "% of roofline")]  # fmt: skip
+    no_roofline = [{k: v for k, v in r.items() if "roofline" not in k} for r in data["results"]]
+    titles = plot.plot_results(no_roofline, data["meta"], str(tmp_path / "no_roofline.svg"))
+    assert "forward: % of roofline" not in titles
     gpu_rows = [dict(r, fwd_roofline_pct=40.0, fwdbwd_roofline_pct=55.0) for r in data["results"]]
     gpu_rows.append({"shape": SHAPE, "dtype": "float32", "layout": "nchw", "backend": "cuda", "error": "OOM"})
     titles = plot.plot_results(gpu_rows, data["meta"], str(tmp_path / "gpu.png"))

@@ -67,15 +67,15 @@ def test_extension_registers_operators_with_the_shared_schemas():
 
 def test_build_info():
     _extension()
-    from sgdc_kernels import _cuda
+    from sgdc_kernels import _extension as loader
 
-    info = _cuda.build_info()
+    info = loader.build_info()
     assert info is not None and info.get("archs"), info
     assert all(a.startswith("sm_") for a in info["archs"])
     assert info["cuda"].count(".") == 1
     # compiled against some torch from 2.10 (the isolated build's, or the running one without
     # isolation), for the stable ABI of 2.10, which the running torch (at least 2.10) provides
-    assert info["torch"] == _cuda.built_against().split("+")[0], info
+    assert info["torch"] == loader.built_against().split("+")[0], info
     assert info["loads into"] == "torch 2.10 and later (stable ABI)", info
     assert info["kernel variants"] == VARIANTS and len(VARIANTS) == len(set(VARIANTS)) >= 1
 

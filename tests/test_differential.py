@@ -1,7 +1,8 @@
 """Property-based differential test: every backend that runs here against the float64 oracle, on
-configurations drawn by hypothesis, forward and every gradient: `unfold` and `torch` on the CPU,
-`triton` on a GPU or through its interpreter, `cuda` on a GPU (without one, its kernels run in
-tests/test_cuda_on_cpu.py's host emulation, with cases of the same kinds written out).
+configurations drawn by hypothesis, forward and every gradient: `unfold`, `torch` and `cpu` (each
+instruction set) on the CPU, `triton` on a GPU or through its interpreter, `cuda` on a GPU
+(without one, its kernels run in tests/test_cuda_on_cpu.py's host emulation, with cases of the
+same kinds written out).
 
 A drawn case (:func:`cases`) is a window_conv configuration (K from 1 to 17, dilation 1 to 3, zero
 or clamped windows, softmax or raw weights, 1 to 3 heads of 1 or more channels, gate or not), a
@@ -76,8 +77,8 @@ if PROFILE not in ("ci", "long"):
 # slowly (seconds a case): a few in CI, as many as fit in about 15 minutes in the long profile.
 INTERPRETED = "triton" in available_backends("cpu")
 EXAMPLES = {
-    "ci": {"unfold": 40, "torch": 60, "triton": 6 if INTERPRETED else 30, "cuda": 30},
-    "long": {"unfold": 3000, "torch": 3000, "triton": 60 if INTERPRETED else 2000, "cuda": 2000},
+    "ci": {"unfold": 40, "torch": 60, "triton": 6 if INTERPRETED else 30, "cuda": 30, "cpu": 30},
+    "long": {"unfold": 3000, "torch": 3000, "triton": 60 if INTERPRETED else 2000, "cuda": 2000, "cpu": 2000},
 }
 # The largest case of each backend: pixels (H*W), channels, batch, and the longest side
 LIMITS = {
@@ -87,6 +88,7 @@ LIMITS = {
     if INTERPRETED
     else dict(pixels=400, channels=40, batch=2, side=40),
     "cuda": dict(pixels=400, channels=40, batch=2, side=40),
+    "cpu": dict(pixels=400, channels=40, batch=2, side=40),
 }
 LAYOUTS = ("nchw", "channels_last", "sliced", "transposed")
 NONFINITE = (float("nan"), float("inf"), float("-inf"))
@@ -345,6 +347,28 @@ def test_cuda_matches_the_oracle(variant):
     @given(cases("cuda", (torch.float32, torch.float16, torch.bfloat16), sgdc_only=variant != "v2"))
     def check(case):
         _check(f"cuda@{variant}", case, "cuda")
+
+    check()
+
+
+def _cpu_variants() -> list:
+    """The instruction sets of backend 'cpu', each skipped (with the reason) where it does not run."""
+    why = registry.unavailable_reason("cpu")
+    runs = () if why else get_backend("cpu").variants
+    return [
+        pytest.param(v, marks=pytest.mark.skipif(v not in runs, reason=why or f"this CPU does not run {v}"))
+        for v in ("avx512", "avx2", "baseline")
+    ]
+
+
+@pytest.mark.parametrize("variant", _cpu_variants())
+def test_cpu_matches_the_oracle(variant):
+    """Each instruction set this CPU runs (avx512, avx2, baseline: the variants of backend 'cpu')."""
+
+    @_examples("cpu")
+    @given(cases("cpu", (torch.float32, torch.float64, torch.bfloat16, torch.float16)))
+    def check(case):
+        _check(f"cpu@{variant}", case)
 
     check()
 

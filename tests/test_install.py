@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sgdc_kernels
-from sgdc_kernels import BackendUnavailableError, _cuda, _install, registry
+from sgdc_kernels import BackendUnavailableError, _extension, _install, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SO = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -51,9 +51,9 @@ def test_a_checkout_without_the_extension_names_the_installed_copy_and_the_fixes
     assert "Run from another directory" in note and "pip install -e ." in note
     assert _install.describe() == f"{here} (source checkout, imported instead of the installed copy {installed})"
     # the cuda backend gives the same reason, whatever the machine has
-    monkeypatch.setattr(_cuda, "_find_extension", lambda: None)
+    monkeypatch.setattr(_extension, "_find_extension", lambda: None)
     with pytest.raises(BackendUnavailableError) as exc:
-        _cuda.load_backend()
+        _extension.load_backend()
     assert note in str(exc.value)
 
 
@@ -126,36 +126,36 @@ def running_torch_older_than_the_target(monkeypatch):
     2.9.1 (the version string is what the loader reads)."""
     _build_config(monkeypatch, TORCH_VERSION="2.14.1+cu130", TORCH_TARGET="2.10", CUDA_VERSION="13.0", KERNELS=True)
     monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
-    real = _cuda._find_extension()
+    real = _extension._find_extension()
     # where the extension is built (CI), the real one, which must then stay unloaded
-    monkeypatch.setattr(_cuda, "_find_extension", lambda: real or object())
+    monkeypatch.setattr(_extension, "_find_extension", lambda: real or object())
     return real is not None
 
 
 def test_a_torch_older_than_the_target_is_reported_before_loading(running_torch_older_than_the_target):
     already_loaded = "sgdc_kernels._C" in sys.modules
     with pytest.raises(BackendUnavailableError) as exc:
-        _cuda.load_backend()
+        _extension.load_backend()
     msg = str(exc.value)
     assert "needs torch 2.10 or newer" in msg and "against torch 2.14.1+cu130" in msg, msg
     assert "torch 2.9.1+cu128 is running" in msg, msg
     assert "pip install 'torch>=2.10'" in msg, msg
     if running_torch_older_than_the_target and not already_loaded:
         assert "sgdc_kernels._C" not in sys.modules
-    assert _cuda.build_info() is None
+    assert _extension.build_info() is None
 
 
 @pytest.mark.parametrize("running", ["2.10.0+cu128", "2.13.0+cpu", "2.14.1", "3.0.0"])
 def test_a_build_for_the_stable_abi_passes_the_check_under_its_target_and_later(monkeypatch, running):
     _build_config(monkeypatch, TORCH_VERSION="2.14.1+cu130", TORCH_TARGET="2.10", KERNELS=False)
     monkeypatch.setattr(torch, "__version__", running)
-    assert _cuda.torch_mismatch() is None
+    assert _extension.torch_mismatch() is None
 
 
 def test_cuda_kernels_under_a_cpu_only_torch_are_reported_before_loading(monkeypatch):
     _build_config(monkeypatch, TORCH_VERSION="2.14.1+cu130", TORCH_TARGET="2.10", CUDA_VERSION="13.0", KERNELS=True)
     monkeypatch.setattr(torch.version, "cuda", None)
-    msg = _cuda.torch_mismatch()
+    msg = _extension.torch_mismatch()
     assert msg is not None and "holds CUDA kernels (CUDA 13.0)" in msg and "CPU-only build" in msg, msg
     assert "install a CUDA build of torch" in msg
 
@@ -164,11 +164,11 @@ def test_a_build_from_before_the_stable_abi_needs_its_own_torch(monkeypatch):
     """A build that recorded no target (this package before the stable ABI) loads only into the
     torch it was built against."""
     _build_config(monkeypatch, TORCH_VERSION="1.13.0+cu117")
-    msg = _cuda.torch_mismatch()
+    msg = _extension.torch_mismatch()
     assert msg is not None and "built against torch 1.13.0+cu117" in msg and f"torch {torch.__version__}" in msg
     assert "pip install -e ." in msg
     _build_config(monkeypatch, TORCH_VERSION=torch.__version__)
-    assert _cuda.torch_mismatch() is None
+    assert _extension.torch_mismatch() is None
 
 
 def _copy_tracked(dest: Path) -> Path:

@@ -25,6 +25,14 @@ def _backends(device):
     return [b for b in available_backends(device) if not (b == "triton" and device == "cpu")]
 
 
+def _cpu_backend(*names):
+    """pytest params of backends that run on the CPU; backend 'cpu' skipped, with the reason, where
+    the extension is not built."""
+    for name in names:
+        why = sgdc_kernels.unavailable_reason(name) if name == "cpu" else None
+        yield pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=why or ""))
+
+
 def _cases():
     for device in DEVICES:
         for backend in _backends(device):
@@ -95,7 +103,7 @@ def test_layouts(device, layout):
         check_tensors(backend, (x, kernel, gate), K, G)
 
 
-@pytest.mark.parametrize("backend", ["unfold", "torch"])
+@pytest.mark.parametrize("backend", list(_cpu_backend("unfold", "torch", "cpu")))
 @pytest.mark.parametrize("with_gate", [True, False])
 def test_gradcheck_float64(backend, with_gate):
     x, kernel, gate = make_inputs((1, 4, 4, 5, 2, 3), torch.float64, gate=with_gate)
@@ -110,13 +118,14 @@ def test_gradcheck_float64(backend, with_gate):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("with_gate", [True, False])
 @pytest.mark.parametrize("config", [(1, False, True), (2, True, False)], ids=["sgdc", "dilated-clamp-raw"])
-def test_opcheck_torch_backend(layout, with_gate, config):
+@pytest.mark.parametrize("name", list(_cpu_backend("torch", "cpu")))
+def test_opcheck(name, layout, with_gate, config):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x, kernel, gate = (
         t.contiguous(memory_format=fmt).requires_grad_() if t is not None else None
         for t in make_inputs((2, 4, 6, 7, 2, 3), gate=with_gate)
     )
-    backend = get_backend("torch")
+    backend = get_backend(name)
     torch.library.opcheck(backend.forward, (x, kernel, gate, 3, 2, *config, ""))
     grad_out = torch.randn_like(x)
     detached = [t.detach() if t is not None else None for t in (grad_out, x, kernel, gate)]
@@ -134,7 +143,7 @@ class Block(torch.nn.Module):
         return sgdc_conv(v, kernel, gate, kernel_size=self.K, num_heads=self.G, backend=self.backend)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "unfold"])
+@pytest.mark.parametrize("backend", ["auto", *_cpu_backend("torch", "unfold", "cpu")])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     block = Block(backend=backend)
@@ -190,11 +199,12 @@ def test_unavailable_backend_says_why():
     assert sgdc_kernels.unavailable_reason("cuda")
 
 
-def test_auto_picks_torch_on_cpu():
+def test_auto_picks_the_cpu_kernels_on_cpu_else_torch():
     from sgdc_kernels.registry import resolve_backend
 
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        assert resolve_backend("auto", "cpu", dtype) == "torch"
+    want = "torch" if sgdc_kernels.unavailable_reason("cpu") else "cpu"
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        assert resolve_backend("auto", "cpu", dtype) == want
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,6 +277,6 @@ def test_unsupported_dtype_for_backend_is_named():
 
 
 def test_half_and_bfloat16_keep_dtype_on_cpu():
-    for dtype, backend in itertools.product((torch.float16, torch.bfloat16), ("torch", "unfold")):
+    for dtype, backend in itertools.product((torch.float16, torch.bfloat16), _backends("cpu")):
         x, kernel, gate = make_inputs((1, 4, 4, 4, 2, 3), dtype)
         assert sgdc_conv(x, kernel, gate, kernel_size=3, num_heads=2, backend=backend).dtype == dtype

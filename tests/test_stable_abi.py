@@ -129,7 +129,7 @@ def _python_json(python, code: str, site: Path, cwd: Path) -> dict:
 
 LOAD_AND_REPORT = """
 import json, torch, sgdc_kernels
-from sgdc_kernels import _cuda
+from sgdc_kernels import _extension
 reason = sgdc_kernels.unavailable_reason("cuda")  # the package's report (it loads the library)
 import sgdc_kernels._C as ext
 fwd, bwd = torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default
@@ -137,7 +137,7 @@ x = torch.empty(2, 8, 5, 6, device="meta")
 out = fwd(x, torch.empty(2, 18, 5, 6, device="meta"), None, 3, 2, 1, False, True, "")  # the fake kernel
 print(json.dumps(dict(
     package=sgdc_kernels.__file__, ext=ext.__file__, torch=torch.__version__, reason=reason,
-    forward=str(fwd._schema), backward=str(bwd._schema), build_info=_cuda.build_info(),
+    forward=str(fwd._schema), backward=str(bwd._schema), build_info=_extension.build_info(),
     cuda_kernel=torch._C._dispatch_has_kernel_for_dispatch_key(fwd.name(), "CUDA"),
     fake_shape=list(out.shape),
 )))

@@ -92,13 +92,14 @@ def test_triton_interpreter_matches_the_oracle(variant, mode, K):
     check_backend(f"triton@{variant}", shape, mode=mode, memory_format=layout, gate=K == 5)
 
 
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b in ("torch", "cpu")])
 @pytest.mark.parametrize("mode", MODES[1:], ids=_id)
-def test_gradcheck_float64(mode):
+def test_gradcheck_float64(backend, mode):
     x, w, g = make_inputs(_shape(3, mode["dilation"], G=1, Cg=2), torch.float64)
     x, w, g = (t[:1].detach().requires_grad_() for t in (x, w, g))
 
     def f(*args):
-        return window_conv(*args, kernel_size=3, backend="torch", **mode)
+        return window_conv(*args, kernel_size=3, backend=backend, **mode)
 
     assert torch.autograd.gradcheck(f, (x, w, g))
 

@@ -9,7 +9,7 @@
 #include <tuple>
 #include <vector>
 
-#include "aten_utils.cuh"
+#include "dispatch.cuh"
 
 namespace sgdc {
 namespace {
@@ -22,9 +22,7 @@ std::tuple<Tensor, Tensor, Tensor> cuda_backward(const Tensor& grad_out, const T
                                                  bool clamp, bool softmax, const std::string& variant_name) {
   const char* op = "sgdc::cuda_backward";
   const bool cl = check_inputs(op, x, weights, gate, kernel_size, num_heads, dilation, clamp);
-  check_operand(op, "grad_out", grad_out, x, cl);
-  STD_TORCH_CHECK(same_sizes(grad_out, x), op, ": grad_out must have x's shape ", sizes_str(x), ", got ",
-                  sizes_str(grad_out));
+  check_grad_out(op, grad_out, x, cl, Device::kCuda);
   const Variant variant = parse_variant(variant_name);
   const torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor dx = torch::stable::empty_like(x);

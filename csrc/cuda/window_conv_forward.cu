@@ -6,7 +6,7 @@
 #include <optional>
 #include <string>
 
-#include "aten_utils.cuh"
+#include "dispatch.cuh"
 
 namespace sgdc {
 namespace {

@@ -1,10 +1,15 @@
-"""Loader of the compiled extension ``sgdc_kernels._C`` (sources in csrc/).
+"""Loader of the compiled extension ``sgdc_kernels._C`` (sources in csrc/): backends ``cpu`` and ``cuda``.
 
-The extension defines ``sgdc::cuda_forward`` and ``sgdc::cuda_backward`` in C++ with the schemas of
-:mod:`sgdc_kernels.custom_ops`; their ``variant`` argument picks the kernels (``VARIANTS``, the
-default first). Importing it calls :func:`_register` (from its module init), which
-gives the operators their fake kernels and autograd through :func:`backends.register_ops`, once,
-with or without a GPU.
+The extension defines ``sgdc::cpu_forward`` / ``sgdc::cpu_backward`` (the fused CPU kernels,
+csrc/cpu/) and ``sgdc::cuda_forward`` / ``sgdc::cuda_backward`` (csrc/cuda/) in C++ with the schemas
+of :mod:`sgdc_kernels.custom_ops`; their ``variant`` argument picks the kernels: for ``cpu`` the
+instruction set (``CPU_VARIANTS``: those this CPU runs, the best first, e.g. ``avx512``, ``avx2``,
+``baseline``), for ``cuda`` the kernel family (``VARIANTS``, the default first). Importing it calls
+:func:`_register` (from its module init), which gives the operators their fake kernels and autograd
+through :func:`backends.register_ops`, once, with or without a GPU.
+
+Every build of the extension holds the CPU kernels (they need only a C++ compiler); the CUDA kernels
+need a CUDA toolkit of torch's CUDA major at build time.
 
 The extension is written on the LibTorch stable ABI and compiled for the stable ABI of torch 2.10
 (``TORCH_TARGET``), so one build loads into every torch from that version on, whichever torch it
@@ -24,7 +29,7 @@ import re
 import torch
 
 from . import _install
-from .custom_ops import FLOATING_GPU, Backend, BackendUnavailableError, register_ops
+from .custom_ops import FLOATING_ALL, FLOATING_GPU, Backend, BackendUnavailableError, register_ops
 
 _HOW_TO_BUILD = (
     "build it from the repository root on a machine with a CUDA toolkit: CUDA_HOME=/usr/local/cuda "
@@ -43,6 +48,8 @@ def _register() -> None:
     global _registered
     if not _registered:
         register_ops(torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default)
+        if hasattr(torch.ops.sgdc, "cpu_forward"):  # absent from builds older than the CPU kernels
+            register_ops(torch.ops.sgdc.cpu_forward.default, torch.ops.sgdc.cpu_backward.default)
         _registered = True
 
 
@@ -104,8 +111,8 @@ def _find_extension():
 
 
 def _import_extension():
-    """Import ``sgdc_kernels._C`` (which registers the sgdc::cuda_* operators, then calls
-    _register()); ImportError with the reason when it is missing or cannot load into the running
+    """Import ``sgdc_kernels._C`` (which registers the sgdc::cpu_* and sgdc::cuda_* operators, then
+    calls _register()); ImportError with the reason when it is missing or cannot load into the running
     torch."""
     if _find_extension() is None:
         note = _install.shadowed_install_note()
@@ -119,9 +126,9 @@ def _import_extension():
 def build_info() -> dict | None:
     """What the extension was compiled for, e.g. ``{"archs": ["sm_80", "sm_90"], "cuda": "13.0",
     "torch": "2.14.1", "loads into": "torch 2.10 and later (stable ABI)", "kernel variants": ["v2",
-    "v3", "v1"]}`` (``torch``: the torch it was compiled against); a build without CUDA kernels has
-    ``"kernels"`` (why not) instead of archs, cuda and variants. None when it is not built (or does
-    not load)."""
+    "v3", "v1"], "cpu kernels": "avx512 avx2 baseline compiled, avx512 runs here"}`` (``torch``: the
+    torch it was compiled against); a build without CUDA kernels has ``"kernels"`` (why not) instead
+    of archs, cuda and variants. None when it is not built (or does not load)."""
     try:
         ext = _import_extension()
     except ImportError:
@@ -140,7 +147,14 @@ def build_info() -> dict | None:
     if ext.VARIANTS:
         info["kernel variants"] = ext.VARIANTS.split(",")  # the default first
     else:
-        info["kernels"] = f"none, the operators' schemas only ({_no_kernels_reason()})"
+        info["kernels"] = f"no CUDA kernels, the CUDA operators' schemas only ({_no_kernels_reason()})"
+    compiled, available = getattr(ext, "CPU_COMPILED", ""), getattr(ext, "CPU_VARIANTS", "")
+    if compiled:
+        info["cpu kernels"] = (
+            f"{compiled.replace(',', ' ')} compiled, {available.split(',')[0] if available else 'none'} runs here"
+        )
+    else:
+        info["cpu kernels"] = "none (a build from before the CPU kernels: rebuild it)"
     return info
 
 
@@ -152,9 +166,11 @@ def _no_kernels_reason() -> str:
 _REMEDIES = ("pip install", "install a CUDA build of torch")
 
 
-def load_backend() -> Backend:
+def _load_extension(name: str):
+    """The extension module, for backend ``name``; BackendUnavailableError saying why it does not
+    load, and how to fix it."""
     try:
-        ext = _import_extension()
+        return _import_extension()
     except ImportError as exc:
         reason = str(exc)
         if "undefined symbol" in reason:
@@ -171,12 +187,39 @@ def load_backend() -> Backend:
                 "extension against the torch you run: pip install --no-build-isolation ."
             )
         remedy = "" if any(r in reason for r in _REMEDIES) else f"; {_HOW_TO_BUILD}"
-        raise BackendUnavailableError(f"backend 'cuda' is unavailable: {reason}{remedy}") from exc
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}{remedy}") from exc
+
+
+def load_cpu_backend() -> Backend:
+    """Backend ``cpu``: the fused C++ CPU kernels; its variants are the instruction sets this CPU
+    runs, the best first (the default)."""
+    ext = _load_extension("cpu")
+    variants = getattr(ext, "CPU_VARIANTS", "")
+    if not variants:
+        raise BackendUnavailableError(
+            "backend 'cpu' is unavailable: the extension sgdc_kernels._C was built before the CPU kernels; "
+            f"rebuild it: {_HOW_TO_BUILD}"
+        )
+    fwd, bwd = torch.ops.sgdc.cpu_forward.default, torch.ops.sgdc.cpu_backward.default
+    return Backend(
+        "cpu",
+        fwd,
+        bwd,
+        frozenset({"cpu"}),
+        FLOATING_ALL,
+        "fused C++ CPU kernels (csrc/cpu/), vectorized, on torch's threads",
+        variants=tuple(variants.split(",")),
+    )
+
+
+def load_backend() -> Backend:
+    """Backend ``cuda``: the fused CUDA kernels."""
+    ext = _load_extension("cuda")
     no_gpu = not torch.cuda.is_available()
     if not ext.VARIANTS:
         raise BackendUnavailableError(
             "backend 'cuda' is unavailable: the extension sgdc_kernels._C is built without CUDA kernels "
-            f"(the operators' schemas only): {_no_kernels_reason()}"
+            f"(the CPU kernels and the CUDA operators' schemas only): {_no_kernels_reason()}"
             + ("; no CUDA GPU is visible here either" if no_gpu else "")
             + f"; {_HOW_TO_BUILD}"
         )
@@ -184,7 +227,7 @@ def load_backend() -> Backend:
         raise BackendUnavailableError(
             "backend 'cuda' is unavailable: the extension is built, but no CUDA GPU is visible "
             "(torch.cuda.is_available() is False); run on a machine with an NVIDIA GPU, or use "
-            "backend='auto', which runs the 'torch' backend on the CPU"
+            "backend='auto', which runs the 'cpu' backend (else 'torch') on the CPU"
         )
     fwd, bwd = torch.ops.sgdc.cuda_forward.default, torch.ops.sgdc.cuda_backward.default
     variants = tuple(ext.VARIANTS.split(","))
