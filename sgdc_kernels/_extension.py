@@ -212,7 +212,7 @@ def load_cpu_backend() -> Backend:
     )
 
 
-def load_backend() -> Backend:
+def load_cuda_backend() -> Backend:
     """Backend ``cuda``: the fused CUDA kernels."""
     ext = _load_extension("cuda")
     no_gpu = not torch.cuda.is_available()

@@ -67,7 +67,7 @@ def _load_triton(name: str) -> Backend:
 def _load_cuda(name: str) -> Backend:
     from . import _extension
 
-    return _extension.load_backend()
+    return _extension.load_cuda_backend()
 
 
 def _load_cpu(name: str) -> Backend:

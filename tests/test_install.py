@@ -53,7 +53,7 @@ def test_a_checkout_without_the_extension_names_the_installed_copy_and_the_fixes
     # the cuda backend gives the same reason, whatever the machine has
     monkeypatch.setattr(_extension, "_find_extension", lambda: None)
     with pytest.raises(BackendUnavailableError) as exc:
-        _extension.load_backend()
+        _extension.load_cuda_backend()
     assert note in str(exc.value)
 
 
@@ -135,7 +135,7 @@ def running_torch_older_than_the_target(monkeypatch):
 def test_a_torch_older_than_the_target_is_reported_before_loading(running_torch_older_than_the_target):
     already_loaded = "sgdc_kernels._C" in sys.modules
     with pytest.raises(BackendUnavailableError) as exc:
-        _extension.load_backend()
+        _extension.load_cuda_backend()
     msg = str(exc.value)
     assert "needs torch 2.10 or newer" in msg and "against torch 2.14.1+cu130" in msg, msg
     assert "torch 2.9.1+cu128 is running" in msg, msg
