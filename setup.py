@@ -120,14 +120,22 @@ def _build_ext(cpp_extension, config: str):
     """torch's BuildExtension (with ninja), which also writes sgdc_kernels/_build_config.py beside the
     extension it built: in the build tree (what a wheel or a regular install packages) and, for an
     in-place or editable build, in the source tree, and nowhere else (a regular install from a
-    checkout leaves the checkout's own build alone)."""
+    checkout leaves the checkout's own build alone). An in-place build also removes the source
+    tree's other builds of the extension (e.g. a _C.cpython-311-*.so from before the stable-ABI
+    build, whose more specific suffix Python would load instead of the new _C.abi3.so)."""
 
     class BuildExt(cpp_extension.BuildExtension):
         def run(self):
             super().run()
             dirs = [os.path.join(self.build_lib, "sgdc_kernels")]
             if self.inplace:
-                dirs.append(self.get_finalized_command("build_py").get_package_dir("sgdc_kernels"))
+                source = self.get_finalized_command("build_py").get_package_dir("sgdc_kernels")
+                dirs.append(source)
+                built = os.path.basename(self.get_ext_fullpath("sgdc_kernels._C"))
+                for name in os.listdir(source or "."):
+                    if name.startswith("_C.") and name.endswith(".so") and name != built:
+                        _say(f"removing {os.path.join(source, name)}, an older build of the extension")
+                        os.remove(os.path.join(source, name))
             for d in dirs:
                 os.makedirs(d, exist_ok=True)
                 with open(os.path.join(d, BUILD_CONFIG), "w") as f:

@@ -206,6 +206,23 @@ def test_a_toolkit_of_another_cuda_major_builds_the_schemas_only_and_says_why(tm
     assert res.returncode != 0 and "FORCE_CUDA=1 but the CUDA kernels cannot be built" in res.stderr, res.stderr[-2000:]
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="needs a C++ compiler")
+def test_an_in_place_build_removes_an_older_build_of_the_extension(tmp_path):
+    """A _C.cpython-3xx-*.so left by a build from before the stable ABI would be imported instead of
+    the new _C.abi3.so (Python prefers the more specific suffix): an in-place build removes it.
+    Built without a CUDA toolkit (the CPU kernels and the schemas, about a minute)."""
+    checkout = _copy_tracked(tmp_path / "checkout")
+    old = checkout / "sgdc_kernels" / SO
+    old.write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "SGDC_SKIP_CUDA_BUILD")}
+    env.update(CUDA_HOME=str(tmp_path / "no-toolkit"), MAX_JOBS=env.get("MAX_JOBS", "2"))
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=checkout, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert not old.exists() and (checkout / "sgdc_kernels" / "_C.abi3.so").exists()
+    assert f"removing {os.path.join('sgdc_kernels', SO)}, an older build of the extension" in res.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # A quiet install
 # ------------------------------------------------------------------------------------------------
